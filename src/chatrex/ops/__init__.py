@@ -1,0 +1,24 @@
+"""Math layer: tensors in, tensors out (box ops, NMS, RoIAlign, deformable attention, sine embeddings).
+
+Nothing here opens files, prints or picks a device; importing it only costs `import torch`.
+"""
+
+from chatrex.ops.msda import (
+    MultiScaleDeformableAttention,
+    get_msda_implementation,
+    ms_deform_attn_core,
+    ms_deform_attn_core_pytorch,
+    ms_deform_attn_core_reference,
+    register_msda_implementation,
+    set_msda_implementation,
+)
+
+__all__ = [
+    "MultiScaleDeformableAttention",
+    "get_msda_implementation",
+    "ms_deform_attn_core",
+    "ms_deform_attn_core_pytorch",
+    "ms_deform_attn_core_reference",
+    "register_msda_implementation",
+    "set_msda_implementation",
+]
