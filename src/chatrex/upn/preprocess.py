@@ -44,7 +44,7 @@ def resize_size(w: int, h: int, short: int = DEFAULT_SHORT, max_size: int | None
 
 def normalize(uint8_hwc: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) → float32 (3, H, W): ``(x / 255 - mean) / std`` in float32 (torchvision order)."""
-    x = torch.from_numpy(np.ascontiguousarray(uint8_hwc)).permute(2, 0, 1).to(torch.float32).div(255)
+    x = torch.from_numpy(np.array(uint8_hwc, dtype=np.uint8)).permute(2, 0, 1).to(torch.float32).div(255)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
     return (x - mean) / std
