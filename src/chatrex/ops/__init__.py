@@ -12,6 +12,7 @@ from chatrex.ops.msda import (
     register_msda_implementation,
     set_msda_implementation,
 )
+from chatrex.ops.position import box_sine_embedding, object_box_embedding, sine_position_embedding_2d
 
 __all__ = [
     "MultiScaleDeformableAttention",
@@ -21,4 +22,7 @@ __all__ = [
     "ms_deform_attn_core_reference",
     "register_msda_implementation",
     "set_msda_implementation",
+    "box_sine_embedding",
+    "object_box_embedding",
+    "sine_position_embedding_2d",
 ]
