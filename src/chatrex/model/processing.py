@@ -23,9 +23,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from chatrex.errors import ConfigError, InvalidImageError, TooManyBoxesError
+from chatrex.errors import ConfigError, TooManyBoxesError
+from chatrex.images import load_image
 from chatrex.model.constants import (
     DEFAULT_IMAGE_TOKEN,
     DEFAULT_OBJECT_FEATURE_TOKEN,
@@ -162,36 +163,12 @@ def build_user_text(question: str, num_boxes: int) -> str:
 
 # ---------------------------------------------------------------------------------------------- images
 def load_rgb(image: Any) -> np.ndarray:
-    """A path, PIL image or HWC/HW uint8 array -> RGB uint8 array (H, W, 3).
+    """A path, PIL image or array -> RGB uint8 array (H, W, 3), through `chatrex.images.load_image`.
 
-    Files and PIL images are EXIF-rotated, then converted to RGB (alpha dropped, as PIL's convert does).
-    Raises InvalidImageError for anything else.
+    Shared with every predictor, so boxes from UPN and from the caller live in the same frame: EXIF
+    orientation applied, transparency composited on white. Raises InvalidImageError.
     """
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as opened:
-                image = ImageOps.exif_transpose(opened).convert("RGB")
-        except (OSError, ValueError) as err:
-            raise InvalidImageError(f"cannot read image file {os.fspath(image)!r}: {err}") from err
-    if isinstance(image, Image.Image):
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    if isinstance(image, np.ndarray):
-        return _array_to_rgb(image)
-    raise InvalidImageError(
-        f"unsupported image type {type(image).__name__}; pass a file path, a PIL image or an HWC uint8 numpy array"
-    )
-
-
-def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype != np.uint8:
-        raise InvalidImageError(f"image arrays must be uint8 (got {arr.dtype}); convert with (x * 255).round().astype(np.uint8)")
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or 0 in arr.shape[:2]:
-        raise InvalidImageError(f"image array must be non-empty HW, HWC with C in (1, 3, 4); got shape {arr.shape}")
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    return np.ascontiguousarray(arr[:, :, :3])
+    return np.asarray(load_image(image), dtype=np.uint8)
 
 
 def square_pad(width: int, height: int) -> tuple[int, int, int]:
