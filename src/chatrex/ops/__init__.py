@@ -13,6 +13,7 @@ from chatrex.ops.msda import (
     set_msda_implementation,
 )
 from chatrex.ops.position import box_sine_embedding, object_box_embedding, sine_position_embedding_2d
+from chatrex.ops.roi_align import roi_align
 
 __all__ = [
     "MultiScaleDeformableAttention",
@@ -25,4 +26,5 @@ __all__ = [
     "box_sine_embedding",
     "object_box_embedding",
     "sine_position_embedding_2d",
+    "roi_align",
 ]
