@@ -65,6 +65,7 @@ def test_size_rule_properties():
     assert resize_size(1333, 800) == (800, 1333)          # short side already 800: kept
     assert resize_size(10000, 10) == (1, 1000)              # max-size rule: s = round(1.333) = 1
     assert resize_size(640, 480, short=480, max_size=None) == (480, 640)
+    assert resize_size(10000, 10, short=128, max_size=200) == (1, 1000)  # s would round to 0: clamped to 1
     with pytest.raises(ValueError):
         resize_size(0, 10)
 

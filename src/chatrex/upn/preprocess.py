@@ -34,12 +34,13 @@ def resize_size(w: int, h: int, short: int = DEFAULT_SHORT, max_size: int | None
         lo, hi = float(min(w, h)), float(max(w, h))
         # Same float expression as the reference: ratio * size compared with max_size.
         if hi / lo * s > max_size:
-            s = int(round(max_size * lo / hi))
+            # Clamped to >= 1: the reference would try a 0-px resize for aspect ratios > 2·max_size.
+            s = max(1, int(round(max_size * lo / hi)))
     if (w <= h and w == s) or (h <= w and h == s):
         return h, w
     if w < h:
-        return int(s * h / w), s
-    return s, int(s * w / h)
+        return max(1, int(s * h / w)), s
+    return s, max(1, int(s * w / h))
 
 
 def normalize(uint8_hwc: np.ndarray) -> torch.Tensor:
