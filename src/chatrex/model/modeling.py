@@ -1,0 +1,387 @@
+"""`ChatRexForConditionalGeneration`: CLIP + ConvNeXt towers, a RoI object encoder and any decoder-only LLM.
+
+Module tree = the reference checkpoint layout (chatrex_reference.md §2): `model` (LLM body), `lm_head`,
+`vision_tower.vision_tower` (CLIP), `vision_tower_aux` (ConvNeXt), `mm_projector`, `mm_object_projector`,
+`box_encoder` (no parameters). The prompt's sentinels (-200 image, -300 object) are replaced by
+vision embeddings in `prepare_inputs_embeds`; forward and generate share it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from chatrex.errors import TooManyBoxesError
+from chatrex.model.checkpoint import load_reference_state_dict
+from chatrex.model.configuration import ChatRexConfig
+from chatrex.model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, OBJECT_TOKEN_INDEX
+from chatrex.model.convnext import ConvNextBlock, ConvNextTower
+from chatrex.model.objects import MultiLevelRoIEncoder
+from chatrex.model.vision import CLIPVisionTower, build_projector, fuse_image_features
+
+LAYER_SCALE_INIT = 1e-6
+# transformers renamed `past_key_values` to `cache` during 5.x; follow whichever this version uses.
+_OUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+_BASE_CACHE = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+_MM_KEYS = ("pixel_values", "pixel_values_aux", "gt_boxes", "num_boxes", "image_features", "object_features")
+
+
+class ChatRexPreTrainedModel(PreTrainedModel):
+    config_class = ChatRexConfig
+    config: ChatRexConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "Qwen2DecoderLayer", "CLIPEncoderLayer", "ConvNextBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # Older transformers versions stored CLIP's position ids in the state dict.
+    _keys_to_ignore_on_load_unexpected = [r"vision_tower\.vision_tower\.vision_model\.embeddings\.position_ids"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, ConvNextBlock) and not getattr(module.ramma, "_is_hf_initialized", False):
+            with torch.no_grad():
+                module.ramma.fill_(LAYER_SCALE_INIT)
+
+
+class ChatRexForConditionalGeneration(ChatRexPreTrainedModel, GenerationMixin):
+    """ChatRex / RexSeek multimodal LLM. Inputs are what `ChatRexProcessor` produces:
+
+    `input_ids` (B, L) with sentinels, left padded; `attention_mask` (B, L); `pixel_values` (B, 3, low, low);
+    `pixel_values_aux` (B, 3, high, high); `gt_boxes` (B, Nmax, 4) float xyxy in high-res canvas pixels;
+    `num_boxes` (B,) boxes used per row (optional). Precomputed `image_features` (B or 1, T, hidden) and
+    `object_features` (list of (K_b, hidden)) may replace the pixel inputs.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ChatRexConfig) -> None:
+        super().__init__(config)
+        hidden = config.hidden_size
+        self.model = AutoModel.from_config(config.text_config)
+        self.lm_head = nn.Linear(hidden, config.text_config.vocab_size, bias=False)
+        self.vision_tower = CLIPVisionTower(config.vision_config, config.vision_feature_layer)
+        self.vision_tower_aux = ConvNextTower(config.convnext_dims, config.convnext_depths)
+        self.mm_projector = build_projector(config.mm_hidden_size, hidden)
+        self.mm_object_projector = build_projector(config.object_hidden_size, hidden)
+        self.box_encoder = MultiLevelRoIEncoder(config.high_res_size)
+        self._llm_cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self.post_init()
+
+    # ------------------------------------------------------------------ HF plumbing
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> nn.Module:
+        return self.model
+
+    @classmethod
+    def from_reference_state_dict(
+        cls, state_dict: Mapping[str, torch.Tensor], config: ChatRexConfig, dtype: torch.dtype | None = None
+    ) -> "ChatRexForConditionalGeneration":
+        """Build the model and load a reference-layout state dict strictly (no second random init).
+
+        Keys go through `chatrex.model.checkpoint.reference_rename_table` (identity up to the installed
+        CLIP's `vision_model.` level; CLIP's optional `position_ids` buffer is dropped). Missing / unexpected / wrong-shape keys raise `CheckpointError`
+        with a readable report. `dtype` casts floating tensors; None keeps each stored dtype. Returns the
+        model in eval mode on the device of the given tensors.
+        """
+        return load_reference_state_dict(cls, state_dict, config, dtype=dtype)
+
+    # ------------------------------------------------------------------ vision encoders
+    def encode_images(
+        self, pixel_values: torch.Tensor, pixel_values_aux: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(B, 3, low, low) and (B, 3, high, high) -> (image tokens (B, T, hidden), 4 ConvNeXt maps).
+
+        The maps feed `encode_objects`; cache both per image to ask many questions about it.
+        """
+        clip = self.vision_tower(pixel_values)  # (B, T, Dc)
+        maps = self.encode_highres(pixel_values_aux)
+        fused = fuse_image_features(clip, maps[-1])  # (B, T, Dc + Dx)
+        return self.mm_projector(fused.to(self.mm_projector[0].weight.dtype)), maps
+
+    def encode_highres(self, pixel_values_aux: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, high, high) -> the 4 ConvNeXt stage maps (B, C_i, high/4/2^i, high/4/2^i)."""
+        stem = self.vision_tower_aux.vision_stem[0].weight
+        return self.vision_tower_aux(pixel_values_aux.to(stem.dtype))
+
+    def encode_objects(self, maps: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """ConvNeXt maps (B or 1 images) + B box tensors (K_b, 4) xyxy canvas px -> B tensors (K_b, hidden).
+
+        With maps of one image and several box tensors, every box set is read from that one image.
+        The box tensors are never modified.
+        """
+        counts = [int(b.reshape(-1, 4).shape[0]) for b in boxes]
+        if maps[0].shape[0] == 1 and len(boxes) > 1:
+            features = self.box_encoder(list(maps), [torch.cat([b.reshape(-1, 4) for b in boxes])])
+        else:
+            features = self.box_encoder(list(maps), list(boxes))  # (sum K, sum C) float32
+        projector_dtype = self.mm_object_projector[0].weight.dtype
+        return list(self.mm_object_projector(features.to(projector_dtype)).split(counts))
+
+    # ------------------------------------------------------------------ sequence assembly
+    def box_lists(self, gt_boxes: Any, num_boxes: torch.Tensor | None, batch: int) -> list[torch.Tensor]:
+        """Normalize `gt_boxes` (None, (B, Nmax, 4) with optional `num_boxes`, or a list) to B (K_b, 4) tensors."""
+        if gt_boxes is None:
+            boxes = [torch.zeros(0, 4) for _ in range(batch)]
+        elif isinstance(gt_boxes, torch.Tensor):
+            if gt_boxes.dim() != 3 or gt_boxes.shape[-1] != 4 or gt_boxes.shape[0] not in (batch, 0):
+                raise ValueError(f"gt_boxes must be (B={batch}, Nmax, 4) xyxy, got {tuple(gt_boxes.shape)}")
+            if gt_boxes.shape[0] == 0:
+                boxes = [gt_boxes.new_zeros(0, 4) for _ in range(batch)]
+            elif num_boxes is None:
+                boxes = list(gt_boxes.unbind(0))
+            else:
+                boxes = [gt_boxes[b, : int(n)] for b, n in enumerate(num_boxes.reshape(-1).tolist())]
+        else:
+            boxes = [torch.as_tensor(b).reshape(-1, 4) for b in gt_boxes]
+        if len(boxes) != batch:
+            raise ValueError(f"got boxes for {len(boxes)} prompts but input_ids has {batch} rows")
+        for b, rows in enumerate(boxes):
+            if rows.shape[0] > self.config.max_objects:
+                raise TooManyBoxesError(
+                    f"prompt {b} has {rows.shape[0]} boxes but the model names at most {self.config.max_objects}; "
+                    f"keep the {self.config.max_objects} highest-scoring boxes"
+                )
+        return boxes
+
+    @staticmethod
+    def check_object_counts(input_ids: torch.Tensor, counts: Sequence[int]) -> None:
+        """Raise ValueError unless row b of `input_ids` has exactly counts[b] object sentinels (-300)."""
+        sentinels = (input_ids == OBJECT_TOKEN_INDEX).sum(1).tolist()
+        for b, (have, want) in enumerate(zip(sentinels, counts)):
+            if have != want:
+                raise ValueError(
+                    f"prompt {b} has {have} object placeholders (<objfeat> / {OBJECT_TOKEN_INDEX}) but {want} boxes "
+                    "were given; pass one box per placeholder (and num_boxes for padded batches)"
+                )
+
+    def multimodal_embeddings(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_aux: torch.Tensor | None = None,
+        gt_boxes: Any = None,
+        num_boxes: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        object_features: Sequence[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Run the encoders that are needed, then `prepare_inputs_embeds`. Counts are checked first."""
+        batch = input_ids.shape[0]
+        has_image = bool((input_ids == IMAGE_TOKEN_INDEX).any())
+        if object_features is None:
+            boxes = self.box_lists(gt_boxes, num_boxes, batch)
+            self.check_object_counts(input_ids, [b.shape[0] for b in boxes])
+        else:
+            boxes = None
+        need_objects = boxes is not None and any(b.shape[0] for b in boxes)
+        maps = None
+        if image_features is None and has_image:
+            if pixel_values is None or pixel_values_aux is None:
+                raise ValueError("input_ids hold an image placeholder (-200): pass pixel_values and pixel_values_aux")
+            image_features, maps = self.encode_images(pixel_values, pixel_values_aux)
+        if need_objects:
+            if maps is None:
+                if pixel_values_aux is None:
+                    raise ValueError("boxes were given without pixel_values_aux: pass it or object_features")
+                maps = self.encode_highres(pixel_values_aux)
+            object_features = self.encode_objects(maps, boxes)
+        elif boxes is not None:
+            object_features = [None] * batch
+        return self.prepare_inputs_embeds(input_ids, attention_mask, image_features, object_features, labels)
+
+    def prepare_inputs_embeds(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        object_features: Sequence[torch.Tensor | None] | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Replace sentinels by vision embeddings, re-padding on the LEFT to the longest merged row.
+
+        input_ids (B, L): each row has at most one -200 (-> all T rows of image_features[b], or of
+        image_features[0] when it holds one image) and K_b -300 (-> object_features[b][k] in order).
+        Returns inputs_embeds (B, E, hidden), attention_mask (B, E), position_ids (B, E) =
+        cumsum(mask) - 1 clamped at 0 (a padded row gets the numbers of the unpadded one), and labels
+        (B, E) with IGNORE_INDEX at image / object / padding positions (None when labels is None).
+        """
+        batch, length = input_ids.shape
+        device = input_ids.device
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        is_img, is_obj = input_ids == IMAGE_TOKEN_INDEX, input_ids == OBJECT_TOKEN_INDEX
+        is_text = ~(is_img | is_obj)
+        n_img = is_img.sum(1)
+        if bool((n_img > 1).any()):
+            raise ValueError(f"one image placeholder (-200) per prompt is supported, got {n_img.tolist()}")
+        objects = [o for o in (object_features or []) if o is not None and o.shape[0] > 0]
+        self.check_object_counts(input_ids, [0 if o is None else o.shape[0] for o in (object_features or [None] * batch)])
+        if bool(n_img.any()) and image_features is None:
+            raise ValueError("input_ids hold an image placeholder (-200) but no image features were given")
+        tokens = image_features.shape[1] if image_features is not None else 1
+
+        embed = self.get_input_embeddings()
+        text = embed(input_ids.masked_fill(~is_text, 0))  # (B, L, hidden); sentinel rows are overwritten
+        width = torch.where(is_img, tokens, 1)  # slots each input position takes in the merged row
+        lengths = width.sum(1)
+        merged = int(lengths.max())
+        # (B, L): first merged slot of every input position, rows shifted right = left padding.
+        start = (merged - lengths).unsqueeze(1) + width.cumsum(1) - width
+        rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, length)
+
+        embeds = text.new_zeros(batch, merged, text.shape[-1])
+        embeds[rows[is_text], start[is_text]] = text[is_text]
+        if objects:
+            embeds[rows[is_obj], start[is_obj]] = torch.cat(objects).to(device=device, dtype=text.dtype)
+        new_mask = mask.new_zeros(batch, merged)
+        new_mask[rows[~is_img], start[~is_img]] = mask[~is_img]
+        if bool(n_img.any()):
+            img_rows = rows[is_img]  # (n,) rows that have an image, in order
+            slots = start[is_img].unsqueeze(1) + torch.arange(tokens, device=device)  # (n, T)
+            source = image_features if image_features.shape[0] == batch else image_features.expand(batch, -1, -1)
+            feats = source.to(device=device, dtype=text.dtype)[img_rows]  # (n, T, hidden)
+            embeds[img_rows.unsqueeze(1).expand_as(slots), slots] = feats
+            new_mask[img_rows.unsqueeze(1).expand_as(slots), slots] = 1
+        position_ids = (new_mask.long().cumsum(1) - 1).clamp(min=0)
+        new_labels = None
+        if labels is not None:
+            new_labels = torch.full((batch, merged), IGNORE_INDEX, dtype=labels.dtype, device=device)
+            keep = is_text & mask.bool()
+            new_labels[rows[keep], start[keep]] = labels.to(device)[keep]
+        return embeds, new_mask, position_ids, new_labels
+
+    # ------------------------------------------------------------------ forward / generate
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_aux: torch.Tensor | None = None,
+        gt_boxes: torch.Tensor | None = None,
+        num_boxes: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        image_features: torch.Tensor | None = None,
+        object_features: Sequence[torch.Tensor] | None = None,
+        cache: Any = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Logits (B, E, vocab) for the merged sequence; `loss` when `labels` (input_ids layout) are given."""
+        cache = cache if cache is not None else past_key_values
+        if inputs_embeds is None and input_ids is not None and bool((input_ids < 0).any()):
+            inputs_embeds, attention_mask, merged_positions, labels = self.multimodal_embeddings(
+                input_ids, attention_mask, labels, pixel_values, pixel_values_aux, gt_boxes, num_boxes,
+                image_features, object_features,
+            )
+            input_ids = None
+            position_ids = merged_positions if position_ids is None else position_ids
+        kwargs.pop("return_dict", None)
+        outputs = self.model(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            position_ids=position_ids, use_cache=use_cache, return_dict=True, **{self._llm_cache_kw: cache}, **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            # Position t predicts token t + 1; float32 for a stable softmax under bf16.
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            **{_OUT_CACHE: getattr(outputs, _BASE_CACHE, None)},
+        )
+
+    @torch.no_grad()
+    def generate(self, inputs: Any = None, gen_config: Any = None, tokenizer: Any = None, **kwargs: Any) -> Any:
+        """Greedy / sampled decoding over the merged prompt; returns the NEW token ids (B, n).
+
+        `model.generate(**processor_outputs, max_new_tokens=..., do_sample=False, eos_token_id=..., pad_token_id=...)`
+        -> ids. Seed-compatible `model.generate(inputs_dict, gen_config=GenerationConfig(...), tokenizer=tok)`
+        -> the decoded answer (str; a list for B > 1): special tokens kept without spaces around them,
+        stripped, a trailing EOS removed. The prompt embeddings are built once; then the KV cache runs.
+        """
+        seed_call = isinstance(inputs, Mapping)
+        if seed_call:
+            kwargs = {**inputs, **kwargs}
+        elif inputs is not None:
+            kwargs["input_ids"] = inputs
+        if gen_config is not None:
+            kwargs["generation_config"] = gen_config
+        mm = {key: kwargs.pop(key, None) for key in _MM_KEYS}
+        input_ids = kwargs.pop("input_ids", None)
+        if input_ids is not None and kwargs.get("inputs_embeds") is None:
+            device = self.get_input_embeddings().weight.device
+            embeds, mask, _, _ = self.multimodal_embeddings(
+                input_ids.to(device), kwargs.pop("attention_mask", None), None,
+                **{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mm.items()},
+            )
+            kwargs["inputs_embeds"], kwargs["attention_mask"] = embeds, mask
+        if seed_call and tokenizer is not None:
+            _fill_special_ids(kwargs, tokenizer)
+        elif tokenizer is not None:
+            kwargs["tokenizer"] = tokenizer
+        output = super().generate(**kwargs)
+        if not (seed_call and tokenizer is not None):
+            return output
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        texts = [decode_answer(tokenizer, row) for row in sequences.tolist()]
+        return texts[0] if len(texts) == 1 else texts
+
+
+def _fill_special_ids(kwargs: dict, tokenizer: Any) -> None:
+    """Seed calls give only a GenerationConfig: take EOS / pad from the tokenizer when it leaves them unset."""
+    config = kwargs.get("generation_config")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if getattr(config, "eos_token_id", None) is None and "eos_token_id" not in kwargs and eos is not None:
+        kwargs["eos_token_id"] = eos
+    if getattr(config, "pad_token_id", None) is None and "pad_token_id" not in kwargs and pad is not None:
+        kwargs["pad_token_id"] = pad
+
+
+def decode_answer(tokenizer: Any, ids: Sequence[int]) -> str:
+    """New ids -> answer text: cut at the first EOS, keep special tokens (no spaces around them), strip."""
+    eos = tokenizer.eos_token_id
+    ids = list(ids)
+    if eos is not None and eos in ids:
+        ids = ids[: ids.index(eos)]
+    try:
+        text = tokenizer.decode(ids, skip_special_tokens=False, spaces_between_special_tokens=False)
+    except TypeError:  # tokenizers that do not take the spacing option
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+    text = text.strip()
+    eos_text = tokenizer.eos_token
+    if eos_text and text.endswith(eos_text):
+        text = text[: -len(eos_text)].rstrip()
+    return text
+
+
+__all__ = ["ChatRexForConditionalGeneration", "ChatRexPreTrainedModel", "decode_answer"]
