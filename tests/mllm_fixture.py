@@ -94,6 +94,12 @@ def load_fixture_model(dtype: torch.dtype | None = None):
     return model.eval()
 
 
+@functools.lru_cache(maxsize=1)
+def shared_fixture_model():
+    """One fixture model per test session, for read-only use (do not change its weights or config)."""
+    return load_fixture_model()
+
+
 def load_fixture_tokenizer():
     """The fixture's fast tokenizer (vocab 504: base 400 + <obj0..99>, <ground>, </ground>, <objects>, </objects>)."""
     from transformers import AutoTokenizer
