@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -9,8 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chatrex.ops import roi_align as roi_align_module
 from chatrex.ops.roi_align import roi_align
+
+# the package re-exports the function under the module's name, so fetch the module itself
+roi_align_module = importlib.import_module("chatrex.ops.roi_align")
 
 
 @pytest.fixture(scope="module")
