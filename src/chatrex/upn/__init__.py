@@ -17,6 +17,9 @@ _EXPORTS: dict[str, str] = {
     "UPNEncoding": "chatrex.upn.model",
     "PROMPT_TYPES": "chatrex.upn.model",
     "load_upn": "chatrex.upn.checkpoint",
+    # predictors (predictor.py)
+    "UPNPredictor": "chatrex.upn.predictor",
+    "UPNWrapper": "chatrex.upn.predictor",
 }
 
 __all__ = sorted(_EXPORTS)
