@@ -181,9 +181,11 @@ def resize_bilinear_reference(x: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear resize (align_corners=False, no antialias) of (B, C, H, W) float32 to (B, C, size, size).
 
     Same maths as `F.interpolate(x, (size, size), mode="bilinear", align_corners=False)`, with the rounding
-    of the reference's torch CPU kernel: weights in float32, then `fma(x00, w0, x01 * w1)` along W and
-    `fma(r0, h0, r1 * h1)` along H (fma emulated exactly in float64). Plain `F.interpolate` differs by a few
-    ulp depending on the torch build; this is bit-exact to the fixtures on any device.
+    of the torch CPU build that produced the reference fixtures: source index `(d + 0.5) * scale - 0.5` and
+    weights rounded step by step in float32, then `fma(x00, w0, x01 * w1)` along W and `fma(r0, h0, r1 * h1)`
+    along H (fma emulated exactly in float64). Plain `F.interpolate` rounds differently per build (this
+    project's CPU torch fuses the index instead: a weight can differ by 1 ulp, outputs by ~3e-6 relative);
+    this function is bit-exact to the fixtures on any device and machine.
     """
 
     def axis(n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
