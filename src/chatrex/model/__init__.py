@@ -29,6 +29,13 @@ _LAZY: dict[str, str] = {
     "MAX_OBJECTS": "constants",
     "SPECIAL_TOKENS": "constants",
     "object_token": "constants",
+    "ChatRexProcessor": "processing",
+    "ChatRexInputs": "processing",
+    "ProcessorConfig": "processing",
+    "ensure_special_tokens": "processing",
+    "tokenize_prompt": "processing",
+    "apply_chat_template": "templates",
+    "ChatTemplate": "templates",
 }
 
 _registered = False
