@@ -125,3 +125,9 @@ def test_python_dash_m_help():
     done = subprocess.run([sys.executable, "-m", "chatrex", "propose", "--help"], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and "--min-score" in done.stdout
+
+
+def test_cli_import_is_light():
+    code = "import sys, chatrex.cli; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False"  # --help and argument errors never pay for torch

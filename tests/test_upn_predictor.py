@@ -252,6 +252,9 @@ def test_seed_readme_flow(tiny_ckpt, tmp_path, monkeypatch):
     # The seed README's UPN example (its `tools.visualize` import fixed to `chatrex.tools.visualize`,
     # the tiny config passed) with the checkpoint at the README's relative path.
     monkeypatch.chdir(tmp_path)
+    # Only for speed: a smaller default resize than 800/1333 (the seed code itself stays as written).
+    monkeypatch.setitem(UPNWrapper.__init__.__kwdefaults__, "short", FAST["short"])
+    monkeypatch.setitem(UPNWrapper.__init__.__kwdefaults__, "max_size", FAST["max_size"])
     (tmp_path / "checkpoints" / "upn_checkpoints").mkdir(parents=True)
     os.symlink(tiny_ckpt, tmp_path / "checkpoints/upn_checkpoints/upn_large.pth")
     (tmp_path / "tests" / "images").mkdir(parents=True)
@@ -270,9 +273,14 @@ def test_seed_readme_flow(tiny_ckpt, tmp_path, monkeypatch):
     assert Image.open(tmp_path / "tests/test_image_fine_grained.jpeg").size == (120, 90)
 
 
+def test_empty_inputs(predictor, tiny_ckpt):
+    assert predictor.predict([]) == []
+    with pytest.raises(ValueError, match="at least one"):
+        UPNWrapper(tiny_ckpt, config="tiny", device="cpu", **FAST).inference([], "fine_grained_prompt")
+
+
 def test_wrapper_batch_matches_predictor(tiny_ckpt):
-    wrapper = UPNWrapper(tiny_ckpt, config="tiny", device="cpu")
-    wrapper.predictor.short, wrapper.predictor.max_size = FAST["short"], FAST["max_size"]
+    wrapper = UPNWrapper(tiny_ckpt, config="tiny", device="cpu", **FAST)
     images = [_photo(150, 100, seed=5), _photo(90, 140, seed=6)]
     raw = wrapper.inference(images, prompt_type="coarse_grained_prompt")
     filtered = wrapper.filter(raw, min_score=0.3)

@@ -198,8 +198,10 @@ class UPNWrapper:
     """
 
     def __init__(self, ckpt_path: Any, config: Any = "large", device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> None:
-        self.predictor = UPNPredictor.from_checkpoint(ckpt_path, config=config, device=device, dtype=dtype)
+                 dtype: torch.dtype | None = None, *, short: int = DEFAULT_SHORT,
+                 max_size: int | None = DEFAULT_MAX_SIZE) -> None:
+        self.predictor = UPNPredictor.from_checkpoint(ckpt_path, config=config, device=device, dtype=dtype,
+                                                      short=short, max_size=max_size)
         self.model = self.predictor.model
 
     def inference(self, image: ImageInput | Sequence[ImageInput], prompt_type: str) -> dict[str, Any]:
@@ -210,6 +212,8 @@ class UPNWrapper:
         """
         prompt_type = resolve_prompt_type(prompt_type)
         items = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not items:
+            raise ValueError("UPNWrapper.inference needs at least one image")
         pil_images = [load_image(x) for x in items]
         per_image = [postprocess(logits, boxes, (img.height, img.width))
                      for img, (logits, boxes) in zip(pil_images, self.predictor.forward_images(pil_images, prompt_type))]
