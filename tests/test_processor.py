@@ -334,3 +334,23 @@ def test_accepts_chatrex_config(tokenizer):
     out = proc.process(np.zeros((10, 20, 3), np.uint8), "q")
     assert out["pixel_values"].shape == (1, 3, config.low_res_size, config.low_res_size)
     assert out["pixel_values_aux"].shape == (1, 3, config.high_res_size, config.high_res_size)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_processor_feeds_the_fixture_model(processor, cases, mllm_golden):
+    """Our inputs through the fixture model reproduce the reference greedy ids, alone and left-padded in a batch."""
+    from mllm_fixture import shared_fixture_model
+
+    model = shared_fixture_model()
+    names = list(cases)
+    images = [case_image(mllm_golden, cases[n][0]) for n in names]
+    questions = [cases[n][0]["question"] for n in names]
+    boxes = [cases[n][0]["boxes_xyxy_original_pixels"] for n in names]
+    expected = [cases[n][0]["generation"]["generated_ids"] for n in names]
+    settings = dict(max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=2)
+    with torch.no_grad():
+        single = model.generate(**processor.process(images[0], questions[0], boxes[0]), **settings)
+        batched = model.generate(**processor(images, questions, boxes), **settings)
+    assert single[0].tolist() == expected[0]
+    assert [row.tolist() for row in batched] == expected
+    assert processor.batch_decode(batched) == [cases[n][0]["generation"]["decoded_skip_special_false_strip"] for n in names]
