@@ -76,3 +76,15 @@ def test_fixture_prompts(mllm_golden):
         meta = json.loads((mllm_golden / "cases" / f"{name}.json").read_text())
         user = build_user_text(meta["question"], len(meta["boxes_xyxy_original_pixels"]))
         assert apply_chat_template(user, "vicuna") == meta["prompt"], name
+
+
+def test_build_prompt_single_and_multi_turn():
+    from chatrex.model.templates import build_prompt
+
+    assert build_prompt("Is it a dog?", 1) == "USER: <image>\n<obj0><objfeat>\nIs it a dog? ASSISTANT:"
+    assert build_prompt("q2<image>", 0, "chatml", history=[("q1", "a1")], eos_text="<|endoftext|>") == (
+        "<|im_start|>user\n<image>\n\nq1<|im_end|>\n<|im_start|>assistant\na1<|im_end|>\n"
+        "<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\n"
+    )
+    with pytest.raises(ValueError):
+        build_prompt(None, 0)  # type: ignore[arg-type]

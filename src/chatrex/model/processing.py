@@ -35,7 +35,7 @@ from chatrex.model.constants import (
     OBJECT_TOKEN_INDEX,
     SPECIAL_TOKENS,
 )
-from chatrex.model.templates import apply_chat_template, get_template
+from chatrex.model.templates import build_prompt, build_user_text, get_template
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -147,18 +147,6 @@ def tokenize_prompt(tokenizer: Any, prompt: str) -> list[int]:
         else:
             ids.extend(int(i) for i in tokenizer.encode(piece, add_special_tokens=False))
     return ids
-
-
-def _clean_question(text: str) -> str:
-    # The reference removes "<image>" from the question; "<objfeat>" is removed too so user text can
-    # never add sentinels the boxes do not back.
-    return text.replace(DEFAULT_IMAGE_TOKEN, "").replace(DEFAULT_OBJECT_FEATURE_TOKEN, "")
-
-
-def build_user_text(question: str, num_boxes: int) -> str:
-    """The first user message: "<image>\\n" + "<obj0><objfeat>..." + "\\n" + question (N == 0 -> "<image>\\n\\n" + q)."""
-    objects = "".join(f"<obj{k}>{DEFAULT_OBJECT_FEATURE_TOKEN}" for k in range(num_boxes))
-    return f"{DEFAULT_IMAGE_TOKEN}\n{objects}\n{_clean_question(question)}"
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -337,17 +325,7 @@ class ChatRexProcessor:
 
     def build_prompt(self, question: str, num_boxes: int, history: Iterable[Sequence[str]] | None = None) -> str:
         """The full prompt string; the image/object prefix goes into the first user turn only."""
-        if not isinstance(question, str):
-            raise ValueError(f"question must be a string, got {type(question).__name__}")
-        turns = [(str(q), str(a)) for q, a in (history or ())]
-        if turns:
-            first_q, first_a = turns[0]
-            turns[0] = (build_user_text(first_q, num_boxes), _clean_question(first_a))
-            turns[1:] = [(_clean_question(q), _clean_question(a)) for q, a in turns[1:]]
-            user = _clean_question(question)
-        else:
-            user = build_user_text(question, num_boxes)
-        return apply_chat_template(user, self.config.chat_template, history=turns, eos_text=self.eos_text)
+        return build_prompt(question, num_boxes, self.config.chat_template, history=history, eos_text=self.eos_text)
 
     def tokenize(self, prompt: str) -> list[int]:
         """Prompt string -> ids with -200 / -300 sentinels (see `tokenize_prompt`)."""
@@ -539,18 +517,7 @@ def _read_processor_config(folder: Path) -> ProcessorConfig:
 
 
 __all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "ChatRexInputs",
-    "ChatRexProcessor",
-    "ProcessorConfig",
-    "as_box_array",
-    "boxes_to_canvas",
-    "build_user_text",
-    "ensure_special_tokens",
-    "image_to_tensors",
-    "load_rgb",
-    "resize_bilinear_reference",
-    "select_boxes",
-    "tokenize_prompt",
+    "CLIP_MEAN", "CLIP_STD", "ChatRexInputs", "ChatRexProcessor", "ProcessorConfig", "as_box_array", "boxes_to_canvas",
+    "build_user_text", "ensure_special_tokens", "image_to_tensors", "load_rgb", "resize_bilinear_reference",
+    "select_boxes", "tokenize_prompt",
 ]

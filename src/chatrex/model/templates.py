@@ -10,7 +10,7 @@ text with only the INSTRUCTION field of an xtuner-style template, with no system
 Multi-turn prompts render earlier ``(question, answer)`` pairs with the same INSTRUCTION, each answer
 followed by the template's end-of-turn text (the tokenizer's EOS for Vicuna-style templates,
 ``<|im_end|>\\n`` for ChatML), e.g. ``USER: q1 ASSISTANT: a1</s>USER: q2 ASSISTANT:``.
-Pure string functions: no tokenizer, no torch.
+Pure string functions: no tokenizer, no torch. `build_prompt` adds ChatRex's image/object prefix.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from chatrex.errors import ConfigError
+from chatrex.model.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_OBJECT_FEATURE_TOKEN
 
 INPUT_FIELD = "{input}"
 EOS_FIELD = "{eos}"
@@ -122,4 +123,39 @@ def apply_chat_template(
     return "".join(parts)
 
 
-__all__ = ["ChatTemplate", "TEMPLATES", "apply_chat_template", "get_template"]
+# ---------------------------------------------------------------------------------------------- ChatRex prompt
+def clean_question(text: str) -> str:
+    """Remove "<image>" (as the reference does) and "<objfeat>" (so user text never adds unbacked sentinels)."""
+    return text.replace(DEFAULT_IMAGE_TOKEN, "").replace(DEFAULT_OBJECT_FEATURE_TOKEN, "")
+
+
+def build_user_text(question: str, num_boxes: int) -> str:
+    """The first user message: "<image>\\n" + "<obj0><objfeat>..." + "\\n" + question (N == 0 -> "<image>\\n\\n" + q)."""
+    objects = "".join(f"<obj{k}>{DEFAULT_OBJECT_FEATURE_TOKEN}" for k in range(num_boxes))
+    return f"{DEFAULT_IMAGE_TOKEN}\n{objects}\n{clean_question(question)}"
+
+
+def build_prompt(
+    question: str,
+    num_boxes: int,
+    template: str | ChatTemplate = "vicuna",
+    history: Iterable[Sequence[str]] | None = None,
+    eos_text: str = "</s>",
+) -> str:
+    """The ChatRex prompt: the image/object prefix + question in the first user turn, wrapped by `template`.
+
+    With `history`, the prefix goes into the first historical question and the current `question` is plain.
+    Single-turn output equals the reference prompt exactly (mllm_tiny cases' "prompt").
+    """
+    if not isinstance(question, str):
+        raise ValueError(f"question must be a string, got {type(question).__name__}")
+    turns = [(clean_question(q), clean_question(a)) for q, a in _check_history(history)]
+    if turns:
+        turns[0] = (build_user_text(turns[0][0], num_boxes), turns[0][1])
+        user = clean_question(question)
+    else:
+        user = build_user_text(question, num_boxes)
+    return apply_chat_template(user, template, history=turns, eos_text=eos_text)
+
+
+__all__ = ["ChatTemplate", "TEMPLATES", "apply_chat_template", "build_prompt", "build_user_text", "clean_question", "get_template"]
