@@ -165,10 +165,16 @@ def test_filters_and_return_all(predictor):
 
 def test_batch_independence(predictor):
     a, b = _photo(150, 100, seed=1), _photo(90, 140, seed=2)  # different resized sizes
+    c = _photo(150, 100, seed=7)  # same size as a
     alone = predictor.predict([a])[0]
-    mixed = predictor.predict([b, a, b])
-    assert mixed[1] == alone
-    assert mixed[0] == mixed[2]
+    mixed = predictor.predict([b, a, c, b])
+    assert mixed[1] == alone  # bit-identical with the default batch_size=1
+    assert mixed[0] == mixed[3] and mixed[2] != alone
+    batched = predictor.predict([b, c, a], batch_size=4)  # a and c share one forward pass, b runs alone
+    assert batched[0] == mixed[0]  # b is never padded next to a/c
+    assert len(batched[2]) == len(alone)
+    np.testing.assert_allclose(batched[2].scores, alone.scores, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(batched[2].boxes, alone.boxes, rtol=0, atol=1e-2)
 
 
 def test_bad_and_odd_inputs(predictor, tmp_path):

@@ -80,7 +80,8 @@ def add_propose(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nms", type=float, default=0.8, help="NMS IoU threshold, 0 disables (default 0.8)")
     p.add_argument("--out", default="proposals", help="output folder (created; default ./proposals)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu (default: accelerator if any, else cpu)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (same-size images only)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per forward pass; >1 batches equal-size images only (default 1)")
     p.add_argument("--short", type=int, default=800, help="resize short side (default 800, as trained)")
     p.add_argument("--max-size", type=int, default=1333, help="resize long-side cap (default 1333)")
     p.set_defaults(func=run_propose)
