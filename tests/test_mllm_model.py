@@ -205,3 +205,25 @@ def test_labels_loss_and_backward(mllm_golden):
     assert model.mm_object_projector[0].weight.grad is not None
     assert model.mm_projector[0].weight.grad.abs().sum() > 0
     assert model.vision_tower_aux.vision_stages[0].blocks[0].ramma.grad is not None
+
+
+def test_bf16_forward_is_close_and_finite(mllm_golden):
+    model = ChatRexForConditionalGeneration.from_reference_state_dict(fixture_state_dict(), fixture_config(), dtype=torch.bfloat16)
+    _, t = load_case("cafe_12boxes")
+    with torch.no_grad():
+        logits = model(**case_inputs(t)).logits
+    assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
+    assert_close_rel(logits.float(), t["logits"], "bf16 logits", rel=5e-2)  # bf16 rounding, not a wrong layer
+
+
+def test_gradient_checkpointing_backward(mllm_golden):
+    model = ChatRexForConditionalGeneration.from_reference_state_dict(fixture_state_dict(), fixture_config()).train()
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, t = load_case("install_portrait_3boxes")
+    inputs = case_inputs(t)
+    loss = model(**inputs, labels=inputs["input_ids"].clamp(min=0), use_cache=False).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.layers[0].self_attn.q_proj.weight.grad is not None

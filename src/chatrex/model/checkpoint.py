@@ -22,7 +22,10 @@ from chatrex.errors import CheckpointError
 
 CLIP_REFERENCE_PREFIX = "vision_tower.vision_tower.vision_model."
 # Reference keys that carry no information for us (recomputed buffers): dropped, never reported.
-DROPPED_REFERENCE_KEYS: tuple[str, ...] = (r"^vision_tower\.vision_tower\.vision_model\.embeddings\.position_ids$",)
+DROPPED_REFERENCE_KEYS: tuple[str, ...] = (
+    r"^vision_tower\.vision_tower\.vision_model\.embeddings\.position_ids$",
+    r"^model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$",  # LLaVA-era Llama checkpoints stored it
+)
 REPORT_LIMIT = 12  # keys listed per category in an error report
 
 
