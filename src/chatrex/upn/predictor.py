@@ -21,7 +21,7 @@ from torch import nn
 from chatrex.images import ImageInput, load_image
 from chatrex.ops.boxes import box_cxcywh_to_xyxy, clip_boxes_to_image, nms
 from chatrex.types import Proposals
-from chatrex.upn.preprocess import DEFAULT_MAX_SIZE, DEFAULT_SHORT, batch_images, preprocess_image
+from chatrex.upn.preprocess import DEFAULT_MAX_SIZE, DEFAULT_SHORT, batch_images, preprocess_image, resize_size
 
 PROMPT_TYPES = ("fine_grained_prompt", "coarse_grained_prompt")
 _PROMPT_ALIASES = {"fine": "fine_grained_prompt", "coarse": "coarse_grained_prompt"}
@@ -134,7 +134,8 @@ class UPNPredictor:
         Each image is a path, ``PIL.Image`` or numpy array (see ``chatrex.images.load_image``).
         Keeps boxes with ``score >= min_score``, then applies NMS at ``nms_iou`` (0 disables it), then
         clips to the image. ``return_all=True`` skips both filters and returns every query, sorted.
-        ``short``/``max_size`` override the resize rule (default 800 / 1333, the reference's).
+        ``short``/``max_size`` override the predictor's resize rule for this call (``None`` keeps
+        the predictor's, by default 800 / 1333 like the reference).
         """
         prompt_type = resolve_prompt_type(prompt_type)
         items = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -162,15 +163,16 @@ class UPNPredictor:
         short = self.short if short is None else short
         max_size = self.max_size if max_size is None else max_size
         batch_size = self.batch_size if batch_size is None else max(1, int(batch_size))
-        tensors = [preprocess_image(img, short, max_size)[0] for img in images]
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, t in enumerate(tensors):
-            groups.setdefault(tuple(t.shape[1:]), []).append(i)
-        outputs: list[Any] = [None] * len(tensors)
+        groups: dict[tuple[int, int], list[int]] = {}  # resized (h, w) → image indices
+        for i, img in enumerate(images):
+            groups.setdefault(resize_size(img.width, img.height, short, max_size), []).append(i)
+        outputs: list[Any] = [None] * len(images)
         for indices in groups.values():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]
-                logits, boxes = self._run([tensors[i] for i in chunk], prompt_type)
+                # Preprocess per chunk: only batch_size normalized images are alive at a time.
+                tensors = [preprocess_image(images[i], short, max_size)[0] for i in chunk]
+                logits, boxes = self._run(tensors, prompt_type)
                 for j, i in enumerate(chunk):
                     outputs[i] = (logits[j], boxes[j])
         return outputs
