@@ -68,6 +68,9 @@ def test_batched_left_padding_equals_one_by_one(model, mllm_golden):
     ids = model.generate(**batch, **GREEDY)
     for row, (_, t) in zip(ids, cases):
         assert torch.equal(row, t["generated_ids"][0])
+    texts = model.generate(batch, gen_config=GenerationConfig(max_new_tokens=12, do_sample=False),
+                           tokenizer=load_fixture_tokenizer())
+    assert texts == [meta["generation"]["decoded_skip_special_false_strip"] for meta, _ in cases]
     with torch.no_grad():
         logits = model(**batch).logits[:, -1]
     for b, (_, t) in enumerate(cases):

@@ -8,6 +8,7 @@ vision embeddings in `prepare_inputs_embeds`; forward and generate share it.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -357,14 +358,23 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel, GenerationMixin):
 
 
 def _fill_special_ids(kwargs: dict, tokenizer: Any) -> None:
-    """Seed calls give only a GenerationConfig: take EOS / pad from the tokenizer when it leaves them unset."""
+    """Seed calls give only a GenerationConfig: take EOS / pad from the tokenizer when it leaves them unset
+    (set on a copy of the config; transformers warns when a config and loose ids are mixed)."""
     config = kwargs.get("generation_config")
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    if getattr(config, "eos_token_id", None) is None and "eos_token_id" not in kwargs and eos is not None:
-        kwargs["eos_token_id"] = eos
-    if getattr(config, "pad_token_id", None) is None and "pad_token_id" not in kwargs and pad is not None:
-        kwargs["pad_token_id"] = pad
+    if config is None:
+        for key, value in (("eos_token_id", eos), ("pad_token_id", pad)):
+            if kwargs.get(key) is None and value is not None:
+                kwargs[key] = value
+        return
+    config = copy.deepcopy(config)
+    for key, value in (("eos_token_id", eos), ("pad_token_id", pad)):
+        if kwargs.get(key) is not None:
+            setattr(config, key, kwargs.pop(key))
+        elif getattr(config, key, None) is None and value is not None:
+            setattr(config, key, value)
+    kwargs["generation_config"] = config
 
 
 def decode_answer(tokenizer: Any, ids: Sequence[int]) -> str:
