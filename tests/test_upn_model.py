@@ -46,13 +46,18 @@ def encoding32(model32, golden):
 
 @pytest.fixture(scope="module")
 def decoded32(model32, encoding32, golden):
-    """Per prompt: (direct output, output fed with the saved topk_indices)."""
+    """Per prompt: (direct output, output fed with the saved topk_indices). The coarse direct output
+    comes from a full `forward` call (no feeding anywhere), the rest reuse the shared encoding."""
     out = {}
+    inp = golden["inputs"]
     with torch.no_grad():
         for p in PROMPTS:
             fed = golden["fp32"][p]["topk_indices"]
-            out[p] = (model32.decode(encoding32, p, return_intermediates=True),
-                      model32.decode(encoding32, p, topk_indices=fed, return_intermediates=True))
+            if p == "coarse_grained_prompt":
+                direct = model32(inp["tensors"], inp["mask"], p, return_intermediates=True)
+            else:
+                direct = model32.decode(encoding32, p, return_intermediates=True)
+            out[p] = (direct, model32.decode(encoding32, p, topk_indices=fed, return_intermediates=True))
     return out
 
 
@@ -137,16 +142,14 @@ def test_direct_outputs_match_where_slots_agree(decoded32, golden, prompt):
         assert abs(scores[b, ours] - scores[b, theirs]) < 1e-4
 
 
-def test_coarse_prompt_direct_matches_when_selection_agrees(model32, encoding32, golden):
-    """The coarse prompt end to end with the model's own top-k: boxes/logits of every slot whose token
-    equals the golden one are within the fed tolerances (no feeding anywhere)."""
+def test_coarse_prompt_direct_forward(decoded32, golden):
+    """The coarse prompt end to end through `forward` with the model's own top-k: an image whose
+    selection equals the golden one matches to the fed tolerances; the output is dict-like."""
     g = golden["fp32"]["coarse_grained_prompt"]
-    with torch.no_grad():
-        out = model32(golden["inputs"]["tensors"], golden["inputs"]["mask"], "coarse_grained_prompt")
+    out, _ = decoded32["coarse_grained_prompt"]
     assert out.pred_logits.shape == (2, 900, 1) and out["pred_boxes"] is out.pred_boxes
     same = out.topk_indices == g["topk_indices"]
     assert same.float().mean() > 0.99
-    # The image without any swapped slot must match to the fed tolerances.
     for b in range(2):
         if same[b].all():
             torch.testing.assert_close(out.pred_boxes[b], g["pred_boxes"][b], **BOX)
