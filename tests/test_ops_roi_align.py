@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chatrex.ops.roi_align import roi_align
+from chatrex.ops.roi_align import roi_align, roi_align_mean
 
 # the package re-exports the function under the module's name, so fetch the module itself
 roi_align_module = importlib.import_module("chatrex.ops.roi_align")
@@ -155,3 +155,15 @@ def test_gradient_wrt_input():
     x = torch.randn(1, 2, 6, 7, generator=gen, dtype=torch.float64, requires_grad=True)
     rois = torch.tensor([[0.0, 1.0, 2.0, 20.0, 18.0], [0.0, -3.0, 5.0, 9.0, 30.0]], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda t: roi_align(t, rois, 3, 0.25), (x,))
+
+
+@pytest.mark.parametrize("sr,aligned", _configs())
+def test_roi_align_mean_equals_mean_of_bins(roi_fixture, sr, aligned):
+    tensors, _ = roi_fixture
+    for cid in ("case_01", "case_03", "case_06"):
+        x, rois = tensors[f"{cid}.input"].double(), tensors[f"{cid}.rois"].double()
+        mean = roi_align_mean(x, rois, 7, 0.25, sr, bool(aligned))
+        assert mean.shape == (rois.shape[0], x.shape[1])
+        exp = tensors[f"{cid}.out64_sr{sr}_aligned{aligned}"].mean((2, 3))
+        torch.testing.assert_close(mean, exp, atol=1e-10, rtol=0)
+    assert roi_align_mean(x, torch.zeros(0, 5), 7).shape == (0, x.shape[1])

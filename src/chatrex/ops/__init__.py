@@ -29,7 +29,7 @@ from chatrex.ops.msda import (
     set_msda_implementation,
 )
 from chatrex.ops.position import box_sine_embedding, object_box_embedding, sine_position_embedding_2d
-from chatrex.ops.roi_align import roi_align
+from chatrex.ops.roi_align import roi_align, roi_align_mean
 
 __all__ = [
     "batched_nms",
@@ -57,4 +57,5 @@ __all__ = [
     "object_box_embedding",
     "sine_position_embedding_2d",
     "roi_align",
+    "roi_align_mean",
 ]

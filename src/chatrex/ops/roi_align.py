@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["roi_align"]
+__all__ = ["roi_align", "roi_align_mean"]
 
 # Largest crop (elements) contracted at once; bigger crops are split over channels (bounds the copy).
 _MAX_CROP_ELEMENTS = 2**24
@@ -80,6 +80,57 @@ def _contract(crop: Tensor, ry: Tensor, cx: Tensor) -> Tensor:
     return torch.matmul(ry, torch.matmul(crop, cx.T))  # (C, h, ow) -> (C, oh, ow)
 
 
+def _roi_geometry(
+    input: Tensor, rois: Tensor, oh: int, ow: int, spatial_scale: float, sampling_ratio: int, aligned: bool
+) -> tuple[list[int], Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """rois (K, 5) in input's dtype -> (batch index per RoI, ry (K, oh, H), rows (K, 2), cx (K, ow, W),
+    cols (K, 2), count (K,)): torchvision's per-RoI sampling geometry, all in the input dtype."""
+    n, _, h, w = input.shape
+    k = rois.shape[0]
+    offset = 0.5 if aligned else 0.0
+    x1, y1, x2, y2 = (rois[:, j] * spatial_scale - offset for j in range(1, 5))
+    roi_w, roi_h = x2 - x1, y2 - y1
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_h, bin_w = roi_h / oh, roi_w / ow
+    if sampling_ratio > 0:
+        grid_h = grid_w = torch.full((k,), sampling_ratio, dtype=torch.int64, device=input.device)
+    else:
+        grid_h, grid_w = bin_h.ceil().to(torch.int64), bin_w.ceil().to(torch.int64)
+    bad = (grid_h * grid_w < 0).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"RoIs {bad[:5]} are inverted on one axis only (sampling grid {grid_h[bad[0]].item()}x"
+            f"{grid_w[bad[0]].item()}); torchvision cannot process them either: fix x1<=x2, y1<=y2"
+        )
+    batch_idx = rois[:, 0].to(torch.int64).tolist()
+    if min(batch_idx) < 0 or max(batch_idx) >= n:
+        raise ValueError(f"box batch indices must lie in [0, {n}), got {sorted(set(batch_idx))}")
+    ry, rows = _axis_weights(y1, bin_h, grid_h, oh, h)
+    cx, cols = _axis_weights(x1, bin_w, grid_w, ow, w)
+    return batch_idx, ry, rows, cx, cols, (grid_h * grid_w).clamp(min=1).to(input.dtype)
+
+
+def _pool(input: Tensor, batch_idx: list[int], ry: Tensor, rows: Tensor, cx: Tensor, cols: Tensor) -> Tensor:
+    """(K, C, ry.shape[1], cx.shape[1]) = ry[k] @ input[b_k] @ cx[k]ᵀ on the crop each RoI touches."""
+    c = input.shape[1]
+    out = input.new_zeros(len(batch_idx), c, ry.shape[1], cx.shape[1])
+    for r, (b, (r0, r1), (c0, c1)) in enumerate(zip(batch_idx, rows.tolist(), cols.tolist())):
+        if r1 <= r0 or c1 <= c0:
+            continue  # no valid sample: the output stays 0
+        step = max(1, _MAX_CROP_ELEMENTS // ((r1 - r0) * (c1 - c0)))
+        for ch in range(0, c, step):
+            crop = input[b, ch : ch + step, r0:r1, c0:c1]
+            out[r, ch : ch + step] = _contract(crop, ry[r, :, r0:r1], cx[r, :, c0:c1])
+    return out
+
+
+def _prepare(input: Tensor, boxes: Tensor | Sequence[Tensor]) -> Tensor:
+    if input.dim() != 4:
+        raise ValueError(f"input must be (N, C, H, W), got {tuple(input.shape)}")
+    return _as_rois(boxes, input)
+
+
 def roi_align(
     input: Tensor,
     boxes: Tensor | Sequence[Tensor],
@@ -100,42 +151,31 @@ def roi_align(
     Raises ValueError where torchvision fails: an inverted RoI (aligned=True, adaptive grid) whose two
     sample counts have opposite signs.
     """
-    if input.dim() != 4:
-        raise ValueError(f"input must be (N, C, H, W), got {tuple(input.shape)}")
-    rois = _as_rois(boxes, input)
+    rois = _prepare(input, boxes)
     oh, ow = _pair(output_size)
-    n, c, h, w = input.shape
-    k = rois.shape[0]
-    if k == 0:
-        return input.new_zeros(0, c, oh, ow)
-    offset = 0.5 if aligned else 0.0
-    x1, y1, x2, y2 = (rois[:, j] * spatial_scale - offset for j in range(1, 5))
-    roi_w, roi_h = x2 - x1, y2 - y1
-    if not aligned:
-        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
-    bin_h, bin_w = roi_h / oh, roi_w / ow
-    if sampling_ratio > 0:
-        grid_h = grid_w = torch.full((k,), sampling_ratio, dtype=torch.int64, device=input.device)
-    else:
-        grid_h, grid_w = bin_h.ceil().to(torch.int64), bin_w.ceil().to(torch.int64)
-    bad = (grid_h * grid_w < 0).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(
-            f"RoIs {bad[:5]} are inverted on one axis only (sampling grid {grid_h[bad[0]].item()}x"
-            f"{grid_w[bad[0]].item()}); torchvision cannot process them either: fix x1<=x2, y1<=y2"
-        )
-    batch_idx = rois[:, 0].to(torch.int64)
-    if k and (int(batch_idx.min()) < 0 or int(batch_idx.max()) >= n):
-        raise ValueError(f"box batch indices must lie in [0, {n}), got {batch_idx.unique().tolist()}")
-    ry, rows = _axis_weights(y1, bin_h, grid_h, oh, h)  # (K, oh, H), (K, 2)
-    cx, cols = _axis_weights(x1, bin_w, grid_w, ow, w)  # (K, ow, W), (K, 2)
-    count = (grid_h * grid_w).clamp(min=1).to(input.dtype)
-    out = input.new_zeros(k, c, oh, ow)
-    for r, (b, (r0, r1), (c0, c1)) in enumerate(zip(batch_idx.tolist(), rows.tolist(), cols.tolist())):
-        if r1 <= r0 or c1 <= c0:
-            continue  # no valid sample: the output stays 0
-        step = max(1, _MAX_CROP_ELEMENTS // ((r1 - r0) * (c1 - c0)))
-        for ch in range(0, c, step):
-            crop = input[b, ch : ch + step, r0:r1, c0:c1]
-            out[r, ch : ch + step] = _contract(crop, ry[r, :, r0:r1], cx[r, :, c0:c1])
-    return out / count[:, None, None, None]
+    if rois.shape[0] == 0:
+        return input.new_zeros(0, input.shape[1], oh, ow)
+    batch_idx, ry, rows, cx, cols, count = _roi_geometry(input, rois, oh, ow, spatial_scale, sampling_ratio, aligned)
+    return _pool(input, batch_idx, ry, rows, cx, cols) / count[:, None, None, None]
+
+
+def roi_align_mean(
+    input: Tensor,
+    boxes: Tensor | Sequence[Tensor],
+    output_size: int | Sequence[int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """``roi_align(...).mean((2, 3))`` without building the bins: (K, C) in input's dtype.
+
+    The mean over bins of ry @ V @ cxᵀ is (Σ_bins ry) @ V @ (Σ_bins cx)ᵀ, one weighted sum per
+    channel instead of two GEMMs: about output_size² times less work (ChatRex's object encoder).
+    """
+    rois = _prepare(input, boxes)
+    oh, ow = _pair(output_size)
+    if rois.shape[0] == 0:
+        return input.new_zeros(0, input.shape[1])
+    batch_idx, ry, rows, cx, cols, count = _roi_geometry(input, rois, oh, ow, spatial_scale, sampling_ratio, aligned)
+    pooled = _pool(input, batch_idx, ry.sum(1, keepdim=True), rows, cx.sum(1, keepdim=True), cols)
+    return pooled.flatten(1) / (count[:, None] * (oh * ow))
