@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chatrex.ops.boxes import box_xyxy_to_cxcywh
 from chatrex.ops.position import object_box_embedding
 from chatrex.ops.roi_align import roi_align
 
@@ -28,11 +29,8 @@ def normalized_cxcywh(boxes_xyxy: torch.Tensor, canvas: float) -> torch.Tensor:
     Float32 order of the reference: divide x1, y1, x2, y2 by the canvas, then w = x2 - x1,
     cx = x1 + w / 2 (not (x1 + x2) / 2). No clipping: outside or inverted boxes stay as they are.
     """
-    b = boxes_xyxy.to(torch.float32) / float(canvas)  # new tensor: the caller's boxes are untouched
-    x1, y1, x2, y2 = b.unbind(-1)
-    w = x2 - x1
-    h = y2 - y1
-    return torch.stack([x1 + w / 2, y1 + h / 2, w, h], dim=-1)
+    # The division makes a new tensor, so the caller's boxes are never touched (the reference's were).
+    return box_xyxy_to_cxcywh(boxes_xyxy.to(torch.float32) / float(canvas))
 
 
 class MultiLevelRoIEncoder(nn.Module):
