@@ -4,8 +4,8 @@ The official hub folders carry a *flat* LLaVA-style `config.json`: the LLM's fie
 top level next to `mm_*` fields, and the vision towers are named, not described (`mm_vision_tower` is a hub name;
 the ConvNeXt-L sizes are hard-coded in `convnext.py`). This module turns such a config into `ChatRexConfig`
 keyword arguments (`chatrex_kwargs_from_official`), and rewrites a whole folder into our format
-(`convert_official`): nested config with `model_type="chatrex"`, safetensors shards in our key layout (which is
-the reference layout, see `loading.rename_reference_key`), tokenizer files and a processor config. The result
+(`convert_official`): nested config with `model_type="chatrex"`, safetensors shards in our key layout (the
+names `save_pretrained` writes; see `loading.rename_reference_key`), tokenizer files and a processor config. The result
 loads with `AutoModelForCausalLM.from_pretrained(dst)` once `chatrex.model` is imported.
 
 Conversion streams tensor by tensor, so its peak memory is about one output shard, never the whole model.
@@ -204,7 +204,6 @@ def is_official_config(cfg: dict[str, Any]) -> bool:
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def _copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
@@ -255,49 +254,48 @@ def _shard_plan(keys: list[tuple[Path, str, str]], sizes: dict[str, int], max_sh
     return shards
 
 
-def _plan_tensors(files: list[Path], dtype: Any) -> tuple[list[tuple[Path, str, str]], dict[str, int]]:
+def _plan_tensors(files: list[Path], dtype: Any, table: tuple[tuple[str, str], ...]
+                  ) -> tuple[list[tuple[Path, str, str]], dict[str, int]]:
     """(file, checkpoint key, our name) for every kept tensor, and the byte size each will have when written."""
-    from safetensors import safe_open
-
-    from chatrex.model.loading import rename_reference_key
+    from chatrex.model.loading import SAFETENSORS_DTYPES, read_safetensors_header, rename_reference_key
 
     keys, sizes = [], {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                name = rename_reference_key(key)
-                if name is None:
-                    continue
-                sl = f.get_slice(key)
-                numel = 1
-                for d in sl.get_shape():
-                    numel *= int(d)
-                stored = _DTYPE_BYTES.get(sl.get_dtype(), 4)
-                floating = sl.get_dtype() in {"F64", "F32", "F16", "BF16"}
-                width = dtype.itemsize if (dtype is not None and floating) else stored
-                keys.append((path, key, name))
-                sizes[name] = numel * width
+        header, _ = read_safetensors_header(path)
+        for key, entry in header.items():
+            name = rename_reference_key(key, table)
+            if name is None:
+                continue
+            stored = SAFETENSORS_DTYPES.get(entry["dtype"])
+            if stored is None:
+                raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {entry['dtype']}")
+            numel = 1
+            for d in entry["shape"]:
+                numel *= int(d)
+            width = dtype.itemsize if (dtype is not None and stored.is_floating_point) else stored.itemsize
+            keys.append((path, key, name))
+            sizes[name] = numel * width
     return keys, sizes
 
 
 def _write_shards(keys: list[tuple[Path, str, str]], sizes: dict[str, int], dst: Path, dtype: Any,
                   max_shard_bytes: int) -> None:
-    """Write our shards + index, reading one tensor at a time (peak ≈ one shard)."""
-    from safetensors import safe_open
+    """Write our shards + index, reading one tensor at a time (peak ≈ one output shard)."""
     from safetensors.torch import save_file
 
+    from chatrex.model.loading import read_safetensors_header, read_tensor
+
     plan = _shard_plan(keys, sizes, max_shard_bytes)
+    headers = {path: read_safetensors_header(path) for path in dict.fromkeys(p for p, _, _ in keys)}
     weight_map: dict[str, str] = {}
     for n, positions in enumerate(plan, start=1):
         fname = "model.safetensors" if len(plan) == 1 else f"model-{n:05d}-of-{len(plan):05d}.safetensors"
         shard: dict[str, Any] = {}
         for i in positions:
             path, key, name = keys[i]
-            with safe_open(str(path), framework="pt") as f:  # cheap: header parse + mmap
-                t = f.get_tensor(key)
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            shard[name] = t.contiguous()
+            header, data_start = headers[path]
+            with open(path, "rb") as f:
+                shard[name] = read_tensor(f, header[key], data_start, dtype)
             weight_map[name] = fname
         save_file(shard, str(dst / fname), metadata={"format": "pt"})
         del shard
@@ -327,8 +325,12 @@ def convert_official(src_folder: str | Path, dst_folder: str | Path, dtype: Any 
     files = checkpoint_files(src)
     shapes = checkpoint_shapes(files)
     config = read_config(src, chat_template=chat_template, shapes=shapes)
-    expected = {k: tuple(v.shape) for k, v in empty_model(config).state_dict(keep_vars=True).items()}
-    keys, sizes = _plan_tensors(files, dtype)
+    from chatrex.model.checkpoint import reference_rename_table
+
+    model = empty_model(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    keys, sizes = _plan_tensors(files, dtype, reference_rename_table(model))
+    del model
     report = KeyReport(
         unexpected=[k for _, k, n in keys if n not in expected],
         mismatched=[(k, shapes[k], expected[n]) for _, k, n in keys if n in expected and shapes[k] != expected[n]],

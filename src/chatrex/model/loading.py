@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 import torch
 from torch import nn
@@ -32,18 +33,23 @@ if TYPE_CHECKING:
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# Checkpoint keys that carry no weights for us (regenerated buffers). Matched with re.search.
-DROPPED_KEY_PATTERNS = (r"(^|\.)position_ids$", r"rotary_emb\.inv_freq$")
+# Keys older transformers versions saved for buffers we recompute (LLaVA-era Llama checkpoints carry
+# `model.layers.N.self_attn.rotary_emb.inv_freq`), dropped on top of `checkpoint.rename_reference_key`.
+EXTRA_DROPPED_KEYS = (r"(^|\.)rotary_emb\.inv_freq$",)
 # Prefixes of the vision towers (kept in `vision_dtype` when one is given; everything else uses `dtype`).
 VISION_PREFIXES = ("vision_tower.", "vision_tower_aux.")
 _STAGE_BLOCK = re.compile(r"^vision_tower_aux\.vision_stages\.(\d+)\.blocks\.(\d+)\.norm\.weight$")
 
 
-def rename_reference_key(key: str) -> str | None:
-    """Reference checkpoint key → our parameter name (identity), or None for keys that hold no weights."""
-    if any(re.search(p, key) for p in DROPPED_KEY_PATTERNS):
+def rename_reference_key(key: str, table: tuple[tuple[str, str], ...] = ()) -> str | None:
+    """Reference checkpoint key → our parameter name, or None for keys that hold no weights: the rules of
+    `from_reference_state_dict` (`chatrex.model.checkpoint`, `table` from `reference_rename_table(model)`) plus
+    `EXTRA_DROPPED_KEYS`."""
+    from chatrex.model.checkpoint import rename_reference_key as reference_rename
+
+    if any(re.search(p, key) for p in EXTRA_DROPPED_KEYS):
         return None
-    return key
+    return reference_rename(key, table)
 
 
 @dataclass
@@ -97,15 +103,63 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
     )
 
 
+# safetensors dtype tags → torch dtypes (the format stores little-endian raw arrays after a JSON header).
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+# Largest piece of a tensor read at once while casting (bounds the transient memory of a cast).
+READ_CHUNK_BYTES = 16 * 1024**2
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """(key → {"dtype", "shape", "data_offsets"}, byte offset where the data starts) of a safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(size))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def read_tensor(f: BinaryIO, entry: dict[str, Any], data_start: int, dtype: torch.dtype | None = None,
+                chunk_bytes: int = READ_CHUNK_BYTES) -> torch.Tensor:
+    """Read one tensor from an open safetensors file with plain reads (no mmap, so no file pages in our RSS).
+
+    A floating tensor is cast to `dtype` (None: stored dtype) piece by piece through a staging buffer of at most
+    `chunk_bytes`, so only the result in the target dtype is ever whole in memory."""
+    stored = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if stored is None:
+        raise CheckpointError(f"unsupported safetensors dtype {entry['dtype']}; convert the checkpoint to bf16/fp32")
+    shape = [int(d) for d in entry["shape"]]
+    begin, end = (int(o) for o in entry["data_offsets"])
+    out = torch.empty(shape, dtype=dtype if (dtype is not None and stored.is_floating_point) else stored)
+    numel = out.numel()
+    if end - begin != numel * stored.itemsize:
+        raise CheckpointError(f"safetensors entry {entry} has {end - begin} bytes for shape {shape}")
+    f.seek(data_start + begin)
+    flat = out.view(-1)
+    step = numel if out.dtype == stored else max(1, chunk_bytes // stored.itemsize)
+    staging = flat if out.dtype == stored else torch.empty(min(step, numel), dtype=stored)
+    for start in range(0, numel, step):
+        n = min(step, numel - start)
+        piece = flat[start:start + n] if out.dtype == stored else staging[:n]
+        view = memoryview(piece.view(torch.uint8).numpy()) if n else memoryview(b"")
+        if f.readinto(view) != len(view):
+            raise CheckpointError(f"{getattr(f, 'name', 'file')} ends early: truncated download?")
+        if out.dtype != stored:
+            flat[start:start + n].copy_(piece)
+    return out
+
+
 def checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     """Key → shape from the safetensors headers only (no tensor data is read)."""
-    from safetensors import safe_open
-
     shapes: dict[str, tuple[int, ...]] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+        header, _ = read_safetensors_header(path)
+        shapes.update({k: tuple(int(d) for d in v["shape"]) for k, v in header.items()})
     return shapes
 
 
@@ -213,30 +267,34 @@ def stream_load_(model: nn.Module, files: list[Path], *, dtype: torch.dtype | No
                  vision_dtype: torch.dtype | None = None) -> KeyReport:
     """Fill a meta-initialised `model` from safetensors `files`, tensor by tensor; returns the key report.
 
-    Shapes are checked from the header before a tensor is read, so a wrong tensor is never materialised."""
-    from safetensors import safe_open
+    Shapes are checked from the header before a tensor is read, so a wrong tensor is never materialised; tensors
+    are read in file order with plain reads (`read_tensor`)."""
+    from chatrex.model.checkpoint import reference_rename_table
 
+    table = reference_rename_table(model)
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-    report, seen = KeyReport(), set()
+    report = KeyReport()
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                name = rename_reference_key(key)
+        header, data_start = read_safetensors_header(path)
+        with open(path, "rb") as f:
+            for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):  # file order
+                name = rename_reference_key(key, table)
                 if name is None:
                     continue
                 if name not in expected:
                     report.unexpected.append(key)
                     continue
-                shape = tuple(f.get_slice(key).get_shape())
+                shape = tuple(int(d) for d in entry["shape"])
                 if shape != expected[name]:
                     report.mismatched.append((key, shape, expected[name]))
                     continue
-                t = f.get_tensor(key)  # stored dtype; one tensor at a time
-                t = t.to(device=device, dtype=_target_dtype(name, t.dtype, dtype, vision_dtype))
-                load_tensor_into(model, name, t)
-                seen.add(name)
+                stored = SAFETENSORS_DTYPES.get(entry["dtype"], torch.float32)
+                t = read_tensor(f, entry, data_start, _target_dtype(name, stored, dtype, vision_dtype))
+                load_tensor_into(model, name, t.to(device))
     _finish_(model, device)
-    report.missing = [k for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"]
+    misshaped = {rename_reference_key(k, table) for k, _, _ in report.mismatched}
+    report.missing = [k for k, v in model.state_dict(keep_vars=True).items()
+                      if v.device.type == "meta" and k not in misshaped]
     return report
 
 
@@ -248,6 +306,32 @@ def _finish_(model: nn.Module, device: torch.device | str) -> None:
         for name, buf in list(module._buffers.items()):
             if buf is not None and buf.device.type != "meta":
                 module._buffers[name] = buf.to(device)
+
+
+@torch.no_grad()
+def materialize_random_(model: nn.Module, dtype: torch.dtype, device: torch.device | str = "cpu", *,
+                        std: float = 0.02, seed: int = 0) -> nn.Module:
+    """Give every meta parameter real storage in `dtype`, filled in place (benchmarks, smoke tests).
+
+    Biases → 0, 1-D `weight`s (norms) → 1, `ramma` layer scales → 0.1, everything else N(0, std). Each tensor is
+    allocated directly in `dtype`, so a bf16 model never has an fp32 copy. Shared (tied) weights stay shared."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in list(model.named_parameters()):
+        if param.device.type != "meta":
+            continue
+        t = torch.empty(param.shape, dtype=dtype, device=device)
+        leaf = name.rpartition(".")[2]
+        if leaf == "bias":
+            t.zero_()
+        elif leaf == "ramma":
+            t.fill_(0.1)
+        elif leaf == "weight" and t.dim() == 1:
+            t.fill_(1.0)
+        else:
+            t.normal_(0.0, std, generator=gen if t.device.type == "cpu" else None)
+        load_tensor_into(model, name, t)
+    _finish_(model, device)
+    return model
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
