@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatrex", description="ChatRex: UPN proposals + grounded multimodal LLM")
     parser.add_argument("--version", action="version", version=f"chatrex {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in COMMANDS:
+    from chatrex.cli_tasks import TASK_COMMANDS  # detect / refer / caption / chat (imports this module)
+
+    for add in [*COMMANDS, *TASK_COMMANDS]:
         add(subparsers)
     return parser
 
