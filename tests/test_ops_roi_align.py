@@ -122,6 +122,19 @@ def test_channel_chunking_gives_same_result(monkeypatch):
     torch.testing.assert_close(roi_align(x, rois, 7, 0.25), full, atol=0, rtol=0)
 
 
+def test_small_and_large_crop_paths_agree(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 30, 41, generator=gen, dtype=torch.float64)
+    rois = torch.tensor([[0, 0.0, 0.0, 164.0, 120.0], [1, 10.0, 12.0, 50.0, 33.0], [1, 3.0, 7.0, 4.0, 7.5]],
+                        dtype=torch.float64)
+    monkeypatch.setattr(roi_align_module, "_SMALL_CROP_ELEMENTS", 0)  # every crop takes the batched path
+    batched = roi_align(x, rois, (7, 6), 0.25, 3, True)
+    monkeypatch.setattr(roi_align_module, "_SMALL_CROP_ELEMENTS", 10**9)  # every crop takes the copy path
+    copied = roi_align(x, rois, (7, 6), 0.25, 3, True)
+    torch.testing.assert_close(batched, copied, atol=1e-12, rtol=0)
+    torch.testing.assert_close(copied, _slow_roi_align(x, rois, 7, 6, 0.25, 3, True), atol=1e-12, rtol=0)
+
+
 def test_empty_boxes():
     x = torch.randn(2, 4, 8, 8)
     assert roi_align(x, torch.zeros(0, 5), 7).shape == (0, 4, 7, 7)

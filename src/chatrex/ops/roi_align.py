@@ -19,6 +19,8 @@ __all__ = ["roi_align", "roi_align_mean"]
 
 # Largest crop (elements) contracted at once; bigger crops are split over channels (bounds the copy).
 _MAX_CROP_ELEMENTS = 2**24
+# Crops up to this many elements are copied and contracted with two plain GEMMs (see _contract).
+_SMALL_CROP_ELEMENTS = 2**20
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -77,7 +79,14 @@ def _axis_weights(start: Tensor, bin_size: Tensor, grid: Tensor, n_bins: int, si
 
 def _contract(crop: Tensor, ry: Tensor, cx: Tensor) -> Tensor:
     """crop (C, h, w), ry (oh, h), cx (ow, w) -> (C, oh, ow) = ry @ crop @ cxᵀ (two GEMMs)."""
-    return torch.matmul(ry, torch.matmul(crop, cx.T))  # (C, h, ow) -> (C, oh, ow)
+    c, h, w = crop.shape
+    if crop.numel() > _SMALL_CROP_ELEMENTS:
+        # Large crops: batched matmuls read the strided crop in place (no copy of the crop).
+        return torch.matmul(ry, torch.matmul(crop, cx.T))  # (C, h, ow) -> (C, oh, ow)
+    # Small crops: one copy, then two plain GEMMs (C tiny batched matmuls cost more than the copy).
+    t = (crop.reshape(c * h, w) @ cx.T).view(c, h, -1)  # (C, h, ow)
+    t = t.transpose(0, 1).reshape(h, -1)  # (h, C*ow)
+    return (ry @ t).view(ry.shape[0], c, -1).transpose(0, 1)  # (oh, C, ow) -> (C, oh, ow)
 
 
 def _roi_geometry(
