@@ -48,9 +48,15 @@ class Progress:
         filled = self.width * self.done // self.total
         bar = "#" * filled + "-" * (self.width - filled)
         self.stream.write(f"\r[{bar}] {self.done}/{self.total} {label[:40]:<40}")
-        if self.done == self.total:
-            self.stream.write("\n")
+        self._open = self.done < self.total
+        self.stream.write("" if self._open else "\n")
         self.stream.flush()
+
+    def break_line(self) -> None:
+        """End a half-drawn bar line so the next message starts on its own line."""
+        if getattr(self, "_open", False):
+            self.stream.write("\n")
+            self._open = False
 
 
 def _add_common(p: argparse.ArgumentParser, *, many_images: bool = True, boxes: bool = True) -> None:
@@ -111,9 +117,11 @@ def _for_each_image(command: str, args: argparse.Namespace,
         try:
             image = load_image(path)
         except InvalidImageError as exc:
+            progress.break_line()
             _error(command, str(exc))
             failures += 1
         else:
+            progress.break_line()  # the handler prints a line to stdout
             handle(path, stem, image, int(path.stem) if numeric else i + 1)
         progress.step(path.name)
     if failures:
