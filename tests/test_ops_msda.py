@@ -244,3 +244,15 @@ def test_module_rejects_bad_config_and_refs():
     spatial = torch.tensor([[2, 2]])
     with pytest.raises(ValueError, match="last dim"):
         module(torch.zeros(1, 3, 16), torch.zeros(1, 3, 1, 3), torch.zeros(1, 4, 16), spatial)
+
+
+def test_reduced_precision_samples_in_float32():
+    # bf16 sampling locations carry ~3 digits (a pixel off on wide levels) and CPU bf16 grid_sample gave
+    # NaN: the dispatcher samples in float32 and returns the caller's dtype.
+    gen = torch.Generator().manual_seed(7)
+    value, spatial, locs, w = _random_case(gen, n=2, lq=40, m=2, d=8, p=4, dtype=torch.float32)
+    ref = ms_deform_attn_core(value, spatial, locs, w)
+    out = ms_deform_attn_core(value.bfloat16(), spatial, locs.bfloat16(), w.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=5e-2)

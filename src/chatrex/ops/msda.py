@@ -177,7 +177,13 @@ def ms_deform_attn_core(
     1 = right/bottom edge; points outside read zeros); attention_weights (N, Lq, M, L, P) already
     softmaxed. Returns (N, Lq, M*D) in value's dtype: Σ_l Σ_p a · bilinear(V_l, x·W_l − 0.5, y·H_l − 0.5).
     """
-    return _IMPLEMENTATIONS[_active](value, spatial_shapes, sampling_locations, attention_weights)
+    core = _IMPLEMENTATIONS[_active]
+    if value.dtype in (torch.float16, torch.bfloat16):
+        # Reduced precision: sample in float32. A bf16 location has ~3 significant digits (≈1 px error on
+        # a 283-wide level), and CPU bf16 grid_sample returned NaN/garbage here. Output cast back.
+        out = core(value.float(), spatial_shapes, sampling_locations.float(), attention_weights.float())
+        return out.to(value.dtype)
+    return core(value, spatial_shapes, sampling_locations, attention_weights)
 
 
 class MultiScaleDeformableAttention(nn.Module):
