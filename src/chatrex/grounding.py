@@ -20,7 +20,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
-from chatrex.model.constants import GROUND_END, GROUND_START, OBJECTS_END, OBJECTS_START, object_token
+from chatrex.constants import GROUND_END, GROUND_START, OBJECTS_END, OBJECTS_START, object_token
 
 # One pass over the text finds every tag-like token. Group names pick the token kind.
 _TOKEN = re.compile(
