@@ -134,10 +134,10 @@ class ChatRex:
         from chatrex.model.loading import load_chatrex
         from chatrex.upn.predictor import UPNPredictor, default_device
 
-        if mllm is None:
+        if mllm is None:  # the embedded tiny pair, once a later issue ships it as package data
             mllm = _embedded(EMBEDDED_MLLM)
-            upn = upn if upn is not None else _embedded(EMBEDDED_UPN)
-            upn_config = "tiny" if upn is not None and upn == _embedded(EMBEDDED_UPN) else upn_config
+            if upn is None and _embedded(EMBEDDED_UPN) is not None:
+                upn, upn_config = _embedded(EMBEDDED_UPN), "tiny"
         if mllm is None:
             raise MissingWeightsError(
                 "no ChatRex model given and this build bundles no tiny model yet; pass "
