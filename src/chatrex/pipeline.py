@@ -30,7 +30,7 @@ import torch
 from chatrex import prompts
 from chatrex.errors import MissingWeightsError, TooManyBoxesError
 from chatrex.images import ImageInput, load_image
-from chatrex.model.constants import IMAGE_TOKEN_INDEX, OBJECT_TOKEN_INDEX
+from chatrex.constants import IMAGE_TOKEN_INDEX, OBJECT_TOKEN_INDEX
 from chatrex.pipeline_cache import LRUCache, boxes_key, image_key
 from chatrex.results import (
     NO_BOXES,
