@@ -163,6 +163,8 @@ def run_ttft(model, config: ChatRexConfig, dtype: torch.dtype, box_counts: list[
     print(f"warm-up {time.perf_counter() - t:.1f} s")
     results = []
     for n in box_counts:
+        for earlier in results:  # keep only the newest KV cache alive (the decode runs on it)
+            earlier.pop("cache", None)
         r = time_to_first_token(model, processor, image, random_boxes(n, 768, rng))
         results.append(r)
         print(f"TTFT {r['boxes']:3d} boxes: {r['ttft_s']:7.2f} s  (processor {r['processor_s']:.2f}, vision "

@@ -108,6 +108,11 @@ def test_rexseek_flat_config_maps_to_the_fixture_sizes(mllm_golden: Path) -> Non
         assert flat_only not in kw
     config = ChatRexConfig(**kw)
     assert config.mm_hidden_size == 96 and config.object_hidden_size == 120 and config.num_image_tokens == 64
+    # ChatRexConfig itself accepts the flat fields (it calls chatrex_kwargs_from_official)
+    flat = {**_flat_config(mllm_golden), "mm_vision_tower": str(mllm_golden / "config" / "clip_vision_config.json")}
+    direct = ChatRexConfig(**flat)
+    assert direct.text_config.model_type == "qwen2" and direct.convnext_dims == [8, 16, 32, 64]
+    assert direct.vision_config.hidden_size == 32 and direct.high_res_size == 256
 
 
 def test_vicuna_flat_config_maps_to_the_chatrex_7b_preset() -> None:
