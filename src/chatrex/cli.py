@@ -143,6 +143,33 @@ def _propose_chunk(predictor, args: argparse.Namespace, paths: Sequence[Path], s
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_propose]
 
 
+# Commands whose module has its own ``main(argv) -> int`` (own parser, own --help). Listed in
+# ``chatrex --help``; ``chatrex NAME [SUB] ARGS…`` hands ARGS to that ``main``. A tuple maps the first
+# argument (e.g. ``chatrex train upn``) to a module; a string is the module for every call.
+DELEGATED: dict[str, tuple[str, str | dict[str, str]]] = {
+    "convert": ("convert an official ChatRex-7B folder to our format (loads without remote code)",
+                "chatrex.model.convert"),
+    "train": ("train a model: `chatrex train upn|chatrex --config FILE --out DIR`",
+              {"upn": "chatrex.train.upn_trainer", "chatrex": "chatrex.train.chatrex_trainer"}),
+    "eval": ("evaluate a model on a COCO-format set: `chatrex eval upn|chatrex …`",
+             {"upn": "chatrex.eval.upn_eval", "chatrex": "chatrex.eval.chatrex_eval"}),
+}
+
+
+def run_delegated(name: str, argv: Sequence[str]) -> int:
+    """Import the module behind ``chatrex NAME`` lazily and run its ``main(argv)``."""
+    import importlib
+
+    target = DELEGATED[name][1]
+    if isinstance(target, dict):
+        if not argv or argv[0] not in target:
+            choices = "|".join(target)
+            print(f"usage: chatrex {name} {{{choices}}} [options]  (add --help after the choice)", file=sys.stderr)
+            return 0 if argv and argv[0] in ("-h", "--help") else 2
+        target, argv = target[argv[0]], argv[1:]
+    return int(importlib.import_module(target).main(list(argv)) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser; each entry of ``COMMANDS`` adds one subcommand."""
     from chatrex import __version__
@@ -154,21 +181,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     for add in [*COMMANDS, *TASK_COMMANDS]:
         add(subparsers)
+    for name, (help_text, _) in DELEGATED.items():  # listed for --help; main() routes them
+        subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    delegated = bool(argv) and argv[0] in DELEGATED
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = argparse.Namespace(command=argv[0]) if delegated else parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
         return exc.code if isinstance(exc.code, int) else 2
-    if not getattr(args, "func", None):
+    if not delegated and not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
     try:
+        if delegated:
+            return run_delegated(argv[0], argv[1:])
         return int(args.func(args) or 0)
+    except SystemExit as exc:  # a delegated parser's --help / usage error
+        return exc.code if isinstance(exc.code, int) else 2
     except KeyboardInterrupt:
         _error(args.command, "interrupted")
         return 130

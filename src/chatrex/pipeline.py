@@ -377,20 +377,13 @@ class ChatRex:
 
 
 def register_auto_classes() -> None:
-    """Register ChatRex with transformers' AutoConfig, AutoModelForCausalLM and AutoProcessor (idempotent).
+    """Register ChatRex with transformers' Auto classes (config, model, processor); idempotent.
 
-    Afterwards `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` gives our
-    `ChatRexProcessor` and `AutoModelForCausalLM.from_pretrained(folder, ...)` our model, with no code
-    from the folder executed (`trust_remote_code` is then irrelevant). `chatrex.model` registers the
-    config and model on import; the processor registration lives here.
+    Kept here for callers of the pipeline; the work is `chatrex.model.register_auto_classes`.
     """
-    from transformers import AutoProcessor
-
-    from chatrex.model import ChatRexConfig, register_auto_classes as register_model
-    from chatrex.model.processing import ChatRexProcessor
+    from chatrex.model import register_auto_classes as register_model
 
     register_model()
-    AutoProcessor.register(ChatRexConfig, ChatRexProcessor, exist_ok=True)
 
 
 def _last_sentinel(ids: Sequence[int]) -> int:

@@ -42,8 +42,8 @@ _registered = False
 
 
 def register_auto_classes() -> None:
-    """Register ChatRex with AutoConfig / AutoModelForCausalLM (/ AutoModelForImageTextToText) once,
-    so a saved folder loads through the Auto classes without trust_remote_code."""
+    """Register ChatRex with AutoConfig / AutoModelForCausalLM (/ AutoModelForImageTextToText) and
+    AutoProcessor once, so a saved folder loads through the Auto classes without trust_remote_code."""
     global _registered
     if _registered:
         return
@@ -58,6 +58,11 @@ def register_auto_classes() -> None:
     image_text = getattr(transformers, "AutoModelForImageTextToText", None)
     if image_text is not None:
         image_text.register(ChatRexConfig, ChatRexForConditionalGeneration, exist_ok=True)
+    from transformers import AutoProcessor
+
+    from .processing import ChatRexProcessor
+
+    AutoProcessor.register(ChatRexConfig, ChatRexProcessor, exist_ok=True)
     _registered = True
 
 

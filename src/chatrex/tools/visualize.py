@@ -7,7 +7,6 @@ drawn inside the image, and boxes may be lists, numpy arrays or tensors.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 from PIL import Image, ImageDraw
@@ -86,13 +85,3 @@ def _as_flat(values) -> list[float]:
     for v in values:
         flat.extend(_as_flat(v) if isinstance(v, (list, tuple)) else [v])
     return flat
-
-
-# Seed compatibility: the seed's scripts import transformers, then this module, then load ChatRex with
-# AutoProcessor / AutoModelForCausalLM(trust_remote_code=True). Registering our classes with those Auto
-# classes here makes that work with no remote code. Done only when transformers is already loaded, so
-# code that just draws boxes stays light.
-if "transformers" in sys.modules:
-    from chatrex.pipeline import register_auto_classes
-
-    register_auto_classes()
