@@ -1,11 +1,10 @@
 # The README's commands are the truth: `make test` is what .ci/run calls.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: install test bench clean
+.PHONY: install test demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,7 +15,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/chatrex demo --out $(or $(OUT),.)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/upn_bench.py
