@@ -44,10 +44,14 @@ def plural(category: str, n: int) -> str:
     return category if n == 1 else category + "s"
 
 
+def article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def count_phrase(category: str, n: int) -> str:
     """"a red circle", "two red circles", "12 red circles"."""
     if n == 1:
-        return f"a {category}"
+        return f"{article(category)} {category}"
     return f"{NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else n} {plural(category, n)}"
 
 
