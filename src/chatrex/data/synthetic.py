@@ -198,7 +198,10 @@ def _loguniform_size(rng: np.random.Generator, lo: float, hi: float) -> float:
 DEFAULT_STYLE = RenderStyle("default", (160, 320), _default_mask, _default_background, _default_colour, _loguniform_size)
 
 
-def get_style(renderer: str) -> RenderStyle:
+def get_style(renderer: "str | RenderStyle") -> RenderStyle:
+    """"default" | "alt" -> its RenderStyle; a RenderStyle passes through (custom renderers, tests)."""
+    if isinstance(renderer, RenderStyle):
+        return renderer
     if renderer == "default":
         return DEFAULT_STYLE
     if renderer == "alt":
@@ -264,7 +267,7 @@ def _composite(img: np.ndarray, alpha: np.ndarray, x0: int, y0: int, rgb: Sequen
 # ------------------------------------------------------------------------------------------ sampling
 def sample_scene(seed: int, *, min_objects: int = 1, max_objects: int = 8,
                  size_range: tuple[int, int] | None = None, obj_size: tuple[float, float] = (12, 96),
-                 max_iou: float = 0.3, renderer: str = "default") -> Scene:
+                 max_iou: float = 0.3, renderer: "str | RenderStyle" = "default") -> Scene:
     """Draw one scene, deterministic in (seed, arguments).
 
     size_range: (min, max) image side in px (None: the renderer's, 160-320 default / 200-400 alt);
@@ -297,7 +300,7 @@ def sample_scene(seed: int, *, min_objects: int = 1, max_objects: int = 8,
         placed.append((box, colour, shape))
     image = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), mode="RGB")
     objects = tuple(describe_object(i, shape, colour, box, w, h) for i, (box, colour, shape) in enumerate(placed))
-    return Scene(image, objects, w, h, int(seed), renderer, kind)
+    return Scene(image, objects, w, h, int(seed), style.name, kind)
 
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
