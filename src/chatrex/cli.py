@@ -139,8 +139,34 @@ def _propose_chunk(predictor, args: argparse.Namespace, paths: Sequence[Path], s
     return failures
 
 
+# ----------------------------------------------------------------------------- ui
+def add_ui(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "ui", help="web demo in the browser: UPN proposals and grounded chat (Gradio, localhost)",
+        description="Serve the Gradio demo. Without --mllm it uses the embedded tiny model (and its UPN).",
+    )
+    p.add_argument("--mllm", help="ChatRex model folder (default: the embedded tiny model)")
+    p.add_argument("--upn", help="UPN checkpoint for proposals (default: the embedded tiny UPN, if no --mllm)")
+    p.add_argument("--upn-config", default="large", choices=["large", "small", "tiny"], help="UPN size preset")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--device", default=None, help="torch device (default: accelerator if any, else cpu)")
+    p.add_argument("--dtype", default=None, help="LLM dtype: bf16 (default) or fp32")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MB (default 10)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (default 512)")
+    p.set_defaults(func=run_ui)
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    from chatrex.ui.app import run  # heavy: gradio, torch, models
+
+    run(args.mllm, args.upn, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+        upn_config=args.upn_config, max_upload_mb=args.max_upload_mb, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_propose]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_propose, add_ui]
 
 
 # Commands whose module has its own ``main(argv) -> int`` (own parser, own --help). Listed in
