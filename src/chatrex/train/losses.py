@@ -1,0 +1,109 @@
+"""UPN training losses: sigmoid focal loss on the single "object" logit, L1 + GIoU on matched boxes,
+applied to every decoder layer and to the two-stage encoder proposals (DINO-style deep supervision).
+
+Boxes everywhere here are cxcywh normalized to each image's valid (unpadded) region, the UPN output
+format. Normalization follows DETR: every term is summed over the batch and divided by the number of
+target boxes in the batch (at least 1), so images without targets still teach "no object".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from chatrex.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from chatrex.train.matcher import HungarianMatcher
+
+__all__ = ["LossWeights", "sigmoid_focal_loss", "set_loss", "upn_loss", "encoder_proposals"]
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the loss terms (DINO defaults) and of the encoder-proposal set."""
+
+    focal: float = 1.0
+    l1: float = 5.0
+    giou: float = 2.0
+    encoder: float = 1.0
+    alpha: float = 0.25
+    gamma: float = 2.0
+
+
+def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Element-wise focal loss (Lin et al. 2017) of raw ``logits`` against 0/1 ``targets`` (same shape).
+
+    ``FL = -alpha_t (1 - p_t)^gamma log(p_t)``; ``alpha < 0`` disables the alpha weighting.
+    """
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss
+
+
+def set_loss(logits: Tensor, boxes: Tensor, targets: list[Tensor], indices: list[tuple[Tensor, Tensor]],
+             num_boxes: float, weights: LossWeights) -> dict[str, Tensor]:
+    """Focal / L1 / GIoU for one set of predictions given a matching.
+
+    logits (B, Q) raw; boxes (B, Q, 4) cxcywh; targets B × (T_b, 4) cxcywh; indices per image
+    (query_idx, target_idx). Returns unweighted ``{"focal", "l1", "giou"}`` scalars (already divided by
+    ``num_boxes``).
+    """
+    logits, boxes = logits.float(), boxes.float()
+    labels = torch.zeros_like(logits)
+    batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
+    query_idx = torch.cat([q for q, _ in indices])
+    labels[batch_idx, query_idx] = 1.0
+    focal = sigmoid_focal_loss(logits, labels, weights.alpha, weights.gamma).sum() / num_boxes
+    if query_idx.numel() == 0:
+        zero = boxes.sum() * 0.0  # keeps the graph connected
+        return {"focal": focal, "l1": zero, "giou": zero}
+    src = boxes[batch_idx, query_idx]  # (N, 4)
+    tgt = torch.cat([t[j] for t, (_, j) in zip(targets, indices)]).to(src)
+    l1 = (src - tgt).abs().sum() / num_boxes
+    giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
+    return {"focal": focal, "l1": l1, "giou": (1 - giou).sum() / num_boxes}
+
+
+def encoder_proposals(output) -> tuple[Tensor, Tensor]:  # noqa: ANN001 - a UPNOutput with intermediates
+    """The two-stage proposals behind the K queries: (logits (B, K), boxes (B, K, 4) cxcywh).
+
+    Logits are the selection scores of the chosen tokens; boxes are ``sigmoid(enc_coords)`` of those
+    tokens, NOT detached (the decoder gets a detached copy as its initial reference).
+    """
+    idx = output.topk_indices
+    logits = torch.gather(output.enc_topk_logits, 1, idx)
+    coords = output.encoding.enc_coords
+    boxes = torch.gather(coords, 1, idx[..., None].expand(-1, -1, coords.shape[-1])).sigmoid()
+    return logits, boxes
+
+
+def upn_loss(output, targets: list[Tensor], matcher: HungarianMatcher,  # noqa: ANN001 - UPNOutput
+             weights: LossWeights = LossWeights()) -> tuple[Tensor, dict[str, float]]:
+    """Total loss of one prompt's ``UPN.decode(..., return_intermediates=True)`` output.
+
+    Every decoder layer and the encoder proposals are matched to ``targets`` (B × (T_b, 4) cxcywh
+    normalized) independently and contribute ``focal·w_f + l1·w_l1 + giou·w_g`` (the encoder set
+    times ``weights.encoder``). Returns (loss scalar, float breakdown for logging).
+    """
+    num_boxes = max(float(sum(t.shape[0] for t in targets)), 1.0)
+    sets = [(output.per_layer_logits[t].squeeze(-1), output.per_layer_boxes[t], 1.0, f"dec{t}")
+            for t in range(output.per_layer_logits.shape[0])]
+    enc_logits, enc_boxes = encoder_proposals(output)
+    sets.append((enc_logits, enc_boxes, weights.encoder, "enc"))
+    total = enc_boxes.new_zeros(())
+    logs: dict[str, float] = {}
+    for logits, boxes, scale, name in sets:
+        indices = matcher(logits.detach(), boxes.detach(), targets)
+        terms = set_loss(logits, boxes, targets, indices, num_boxes, weights)
+        part = weights.focal * terms["focal"] + weights.l1 * terms["l1"] + weights.giou * terms["giou"]
+        total = total + scale * part
+        logs[name] = float(part.detach())
+    last = f"dec{output.per_layer_logits.shape[0] - 1}"
+    logs["last"] = logs[last]
+    return total, logs
