@@ -8,17 +8,12 @@ trained on; with `--mllm/--upn` the same tasks run on real weights and `--image`
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 EXAMPLE_SEEDS = (7, 21, 42)
-EMBEDDED_NOTICE = (
-    "note: using the embedded synthetic-world demo model (tiny UPN + tiny ChatRex trained by chatrex on "
-    "generated shapes scenes; it knows 5 shapes x 8 colours, nothing else). For real images pass the official "
-    "weights: --mllm path/to/ChatRex-7B --upn path/to/upn_large.pth"
-)
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,8 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from chatrex.pipeline import ChatRex
 
     start = time.perf_counter()
-    if args.mllm is None:
-        print(EMBEDDED_NOTICE, file=sys.stderr)
     rex = ChatRex.from_pretrained(mllm=args.mllm, upn=args.upn, device=args.device, dtype=args.dtype,
                                   upn_config=args.upn_config, max_new_tokens=args.max_new_tokens)
     if args.image:

@@ -21,13 +21,12 @@ import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from chatrex import prompts
+from chatrex import embedded, prompts
 from chatrex.errors import MissingWeightsError, TooManyBoxesError
 from chatrex.images import ImageInput, load_image
 from chatrex.constants import IMAGE_TOKEN_INDEX, OBJECT_TOKEN_INDEX
@@ -48,9 +47,6 @@ from chatrex.results import (
 
 FINE = "fine_grained_prompt"
 COARSE = "coarse_grained_prompt"
-# Where a bundled tiny model would live (package data); a later issue trains and ships it.
-EMBEDDED_MLLM = ("assets", "tiny_chatrex")
-EMBEDDED_UPN = ("assets", "tiny_upn.safetensors")
 
 
 @dataclass(frozen=True)
@@ -79,11 +75,6 @@ class _PrefixState:
     ids: list[int]
     embeds: torch.Tensor
     kv: Any
-
-
-def _embedded(parts: tuple[str, ...]) -> Path | None:
-    path = Path(str(resources.files("chatrex").joinpath(*parts)))
-    return path if path.exists() else None
 
 
 class ChatRex:
@@ -134,13 +125,19 @@ class ChatRex:
         from chatrex.model.loading import load_chatrex
         from chatrex.upn.predictor import UPNPredictor, default_device
 
-        if mllm is None:  # the embedded tiny pair, once a later issue ships it as package data
-            mllm = _embedded(EMBEDDED_MLLM)
-            if upn is None and _embedded(EMBEDDED_UPN) is not None:
-                upn, upn_config = _embedded(EMBEDDED_UPN), "tiny"
+        if mllm is None:  # the embedded tiny pair (package data), trained on the synthetic shapes world
+            mllm = embedded.mllm_dir()
+            found = embedded.upn() if upn is None else None
+            if found is not None:
+                upn, upn_config = found.weights, found.config
+                upn_options = {**found.predictor_options, **(upn_options or {})}
+            if mllm is not None:
+                embedded.announce()
+                if dtype is None:
+                    dtype = torch.float32  # tiny: speed is no issue, and eval numbers were measured in fp32
         if mllm is None:
             raise MissingWeightsError(
-                "no ChatRex model given and this build bundles no tiny model yet; pass "
+                "no ChatRex model given and this build bundles no tiny model; pass "
                 "mllm='path/to/ChatRex-7B' (a folder with config.json, tokenizer and *.safetensors, e.g. "
                 "`git clone https://huggingface.co/IDEA-Research/ChatRex-7B`) and upn='path/to/upn_large.pth'"
             )
@@ -151,7 +148,7 @@ class ChatRex:
                                       "copy them from the original model folder")
         predictor = None
         if upn is not None:
-            if not Path(upn).is_file():
+            if not Path(str(upn)).is_file():
                 raise MissingWeightsError(f"UPN checkpoint not found: {upn}; download upn_large.pth from the "
                                           "ChatRex release and pass its path")
             predictor = UPNPredictor.from_checkpoint(upn, config=upn_config, device=device, **(upn_options or {}))
