@@ -8,6 +8,7 @@ shown in the page).
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -64,6 +65,38 @@ def read_upload(path: str | Path | None, max_bytes: int) -> Image.Image:
         raise InvalidImageError(str(exc).replace(str(path), path.name)) from None
 
 
+class TokenStreamer:
+    """A transformers streamer (put / end) that hands out the decoded answer after EVERY new token.
+
+    transformers' TextIteratorStreamer waits for a space before it emits, so answers made of
+    `<objK>` tags (no spaces) would only appear at the end. The whole answer is re-decoded on each
+    token (answers are short) and held back while it ends in an incomplete UTF-8 character.
+    Iterating yields the text so far; it stops after `end()`.
+    """
+
+    def __init__(self, tokenizer: Any, timeout_s: float | None = None) -> None:
+        self.tokenizer, self.timeout_s = tokenizer, timeout_s
+        self.ids: list[int] = []
+        self.prompt_seen = False  # generate first puts the prompt ids (empty with inputs_embeds)
+        self.queue: queue.Queue = queue.Queue()
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(v) for v in value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if not text.endswith("\ufffd"):
+            self.queue.put(text)
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def __iter__(self) -> Iterator[str]:
+        while (item := self.queue.get(timeout=self.timeout_s)) is not None:
+            yield item
+
+
 @contextmanager
 def _streaming_generate(model: Any, streamer: Any) -> Iterator[None]:
     """Make `model.generate` pass `streamer` (instance attribute, removed afterwards)."""
@@ -83,14 +116,11 @@ def stream_call(rex: Any, call: Callable[[], Any], lock: threading.Lock,
                 timeout_s: float = 600.0) -> Iterator[tuple[str, Any]]:
     """Run `call()` (one `ChatRex` task on `rex`) and stream its answer.
 
-    Yields (decoded text so far, None) while tokens arrive, then (full text, the call's result) once.
-    Re-raises the call's exception. `lock` serialises model use: the pipeline's caches and the
+    Yields (decoded text so far, None) after each new token, then (last text, the call's result)
+    once. Re-raises the call's exception. `lock` serialises model use: the pipeline's caches and the
     patched `generate` are not shared between concurrent calls.
     """
-    from transformers import TextIteratorStreamer
-
-    streamer = TextIteratorStreamer(rex.processor.tokenizer, skip_prompt=True, timeout=timeout_s,
-                                    skip_special_tokens=False)
+    streamer = TokenStreamer(rex.processor.tokenizer, timeout_s)
     outcome: dict[str, Any] = {}
 
     def work() -> None:
@@ -106,10 +136,8 @@ def stream_call(rex: Any, call: Callable[[], Any], lock: threading.Lock,
         worker = threading.Thread(target=work, name="chatrex-ui-generate", daemon=True)
         worker.start()
         try:
-            for piece in streamer:
-                if piece:
-                    text += piece
-                    yield text, None
+            for text in streamer:
+                yield text, None
         finally:  # also when the page goes away mid-answer: keep the lock until the model is free
             worker.join()
     if "error" in outcome:
@@ -117,4 +145,4 @@ def stream_call(rex: Any, call: Callable[[], Any], lock: threading.Lock,
     yield text, outcome["result"]
 
 
-__all__ = ["ChatSession", "MAX_PIXELS", "read_upload", "stream_call"]
+__all__ = ["ChatSession", "MAX_PIXELS", "TokenStreamer", "read_upload", "stream_call"]
