@@ -67,9 +67,15 @@ def evaluate_items(predictor, items: Iterable[tuple[Any, torch.Tensor]], prompt_
     return result
 
 
-def read_coco(coco_json: str | Path, images_dir: str | Path) -> list[tuple[Path, torch.Tensor]]:
-    """(image path, gt boxes (M, 4) xyxy px) per image of a COCO file (crowd boxes ignored)."""
+def read_coco(coco_json: str | Path, images_dir: str | Path | None = None) -> list[tuple[Path, torch.Tensor]]:
+    """(image path, gt boxes (M, 4) xyxy px) per image of a COCO file (crowd boxes ignored).
+
+    ``images_dir`` None → ``info.image_dir`` (relative to the json's folder, as our synthetic export
+    writes it) or else the json's folder.
+    """
     data = json.loads(Path(coco_json).read_text())
+    if images_dir is None:
+        images_dir = Path(coco_json).parent / str(data.get("info", {}).get("image_dir", "."))
     boxes: dict[int, list[list[float]]] = {img["id"]: [] for img in data["images"]}
     for ann in data.get("annotations", []):
         if not ann.get("iscrowd", 0):
@@ -81,7 +87,7 @@ def read_coco(coco_json: str | Path, images_dir: str | Path) -> list[tuple[Path,
     return out
 
 
-def evaluate_upn(predictor, coco_json: str | Path, images_dir: str | Path, prompt_type: str = "fine",  # noqa: ANN001
+def evaluate_upn(predictor, coco_json: str | Path, images_dir: str | Path | None = None, prompt_type: str = "fine",  # noqa: ANN001
                  min_score: float = 0.3, nms: float = 0.8, min_size: float | None = None) -> dict[str, Any]:
     """Evaluate ``predictor`` (a ``UPNPredictor``) on a COCO-format annotation file + image folder.
 
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="UPN weights (.safetensors/.pth); default: the shipped tiny UPN")
     p.add_argument("--config", help="upn.json written by the trainer, or a preset name (default: next to weights)")
     p.add_argument("--ann", required=True, help="COCO-format annotation json")
-    p.add_argument("--images", required=True, help="folder holding the images (file_name relative to it)")
+    p.add_argument("--images", help="folder holding the images (default: the json's info.image_dir or its folder)")
     p.add_argument("--prompt", default="fine", choices=["fine", "coarse"])
     p.add_argument("--min-size", type=float, default=None, help="count only objects >= PX (larger side) for recall")
     p.add_argument("--min-score", type=float, default=0.3)
