@@ -72,8 +72,11 @@ def test_propose_folder_and_glob(tiny_ckpt, images, tmp_path, capsys):
     assert capsys.readouterr().out.count("proposals ->") == 3
 
 
-def test_missing_checkpoint_names_the_file(images, tmp_path, capsys):
+def test_missing_checkpoint_names_the_file(images, tmp_path, capsys, monkeypatch):
     folder, _ = images
+    from chatrex import embedded
+
+    monkeypatch.setattr(embedded, "upn", lambda: None)  # a build that ships no embedded UPN
     rc = main(["propose", str(folder), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc != 0

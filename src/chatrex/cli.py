@@ -82,16 +82,26 @@ def add_propose(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu (default: accelerator if any, else cpu)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images per forward pass; >1 batches equal-size images only (default 1)")
-    p.add_argument("--short", type=int, default=800, help="resize short side (default 800, as trained)")
-    p.add_argument("--max-size", type=int, default=1333, help="resize long-side cap (default 1333)")
+    p.add_argument("--short", type=int, default=None,
+                   help="resize short side (default: the model's own rule, 800 for upn_large)")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="resize long-side cap (default: the model's own rule, 1333 for upn_large)")
     p.set_defaults(func=run_propose)
 
 
 def run_propose(args: argparse.Namespace) -> int:
-    if not args.checkpoint:
-        raise MissingWeightsError(f"no UPN weights were given; {UPN_DOWNLOAD_HINT}")
-    if not Path(args.checkpoint).is_file():
-        raise MissingWeightsError(f"checkpoint not found: {args.checkpoint}; {UPN_DOWNLOAD_HINT}")
+    checkpoint, config, short, max_size = args.checkpoint, args.config, args.short or 800, args.max_size or 1333
+    if not checkpoint:
+        from chatrex import embedded
+
+        found = embedded.upn()
+        if found is None:
+            raise MissingWeightsError(f"no UPN weights were given; {UPN_DOWNLOAD_HINT}")
+        embedded.announce()
+        checkpoint, config = found.weights, found.config
+        short, max_size = args.short or found.short, args.max_size or found.max_size
+    elif not Path(checkpoint).is_file():
+        raise MissingWeightsError(f"checkpoint not found: {checkpoint}; {UPN_DOWNLOAD_HINT}")
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
     paths = expand_images(args.images)
@@ -100,8 +110,8 @@ def run_propose(args: argparse.Namespace) -> int:
 
     from chatrex.upn.predictor import UPNPredictor  # heavy: torch + model
 
-    predictor = UPNPredictor.from_checkpoint(args.checkpoint, config=args.config, device=args.device,
-                                             short=args.short, max_size=args.max_size, batch_size=args.batch_size)
+    predictor = UPNPredictor.from_checkpoint(checkpoint, config=config, device=args.device,
+                                             short=short, max_size=max_size, batch_size=args.batch_size)
     failures = 0
     stems = unique_stems(paths)
     for start in range(0, len(paths), args.batch_size):

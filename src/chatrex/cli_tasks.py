@@ -65,7 +65,8 @@ def _add_common(p: argparse.ArgumentParser, *, many_images: bool = True, boxes: 
     p.add_argument("--mllm", metavar="PATH", help="ChatRex model folder (config.json, tokenizer, *.safetensors)")
     p.add_argument("--upn", metavar="CKPT", help="UPN checkpoint; needed unless boxes are given")
     p.add_argument("--upn-config", default="large", choices=["large", "small", "tiny"], help="UPN size preset")
-    p.add_argument("--upn-short", type=int, default=800, help="UPN resize: short side in px (default 800)")
+    p.add_argument("--upn-short", type=int, default=None,
+                   help="UPN resize: short side in px (default: the model's rule, 800 for upn_large)")
     p.add_argument("--min-score", type=float, default=0.3, help="proposal score threshold (default 0.3)")
     p.add_argument("--nms", type=float, default=0.8, help="proposal NMS IoU, 0 disables (default 0.8)")
     if boxes:
@@ -78,7 +79,7 @@ def _add_common(p: argparse.ArgumentParser, *, many_images: bool = True, boxes: 
 
 
 def _load_pipeline(args: argparse.Namespace, needs_upn: bool):
-    if needs_upn and not args.upn:
+    if needs_upn and not args.upn and args.mllm:  # without --mllm the embedded pair brings its own UPN
         raise MissingWeightsError("no boxes given and no UPN to propose them: pass --upn upn_large.pth "
                                   "(from the ChatRex release) or --box x1,y1,x2,y2")
     if args.mllm and not Path(args.mllm).is_dir():
@@ -86,7 +87,8 @@ def _load_pipeline(args: argparse.Namespace, needs_upn: bool):
     from chatrex.pipeline import ChatRex  # heavy: torch + transformers
 
     return ChatRex.from_pretrained(mllm=args.mllm, upn=args.upn, device=args.device, dtype=args.dtype,
-                                   upn_config=args.upn_config, upn_options={"short": args.upn_short},
+                                   upn_config=args.upn_config,
+                                   upn_options={"short": args.upn_short} if args.upn_short else None,
                                    max_new_tokens=args.max_new_tokens)
 
 
