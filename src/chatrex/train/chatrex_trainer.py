@@ -1,0 +1,534 @@
+"""ChatRex trainer: the paper's two stages on synthetic "shapes" instruction data, from scratch on CPU.
+
+Stages (`ChatRexTrainConfig.stages`): stage 1 trains `mm_projector`, `mm_object_projector` and both
+embedding matrices in full (`model.embed_tokens`, `lm_head`), as the reference's stage 1 does ("both
+embedding matrices made trainable"); stage 2 trains every parameter (or, with `lora`, the towers,
+projectors and embeddings in full plus LoRA adapters on the LLM's linear layers). The reference starts
+from pretrained CLIP / ConvNeXt / Vicuna, so its stage 1 only has to align projectors. Our tiny model is
+random everywhere: stage 1 can only teach the projectors to pass random features along, so the shipped
+schedule keeps it short (it exists to honour the recipe and warm the embeddings) and spends the budget on
+stage 2, where the vision towers learn colour / shape and the LLM learns the answer grammar.
+
+Batches: one micro-batch = one scene; its image is encoded ONCE (CLIP + ConvNeXt) and its
+`questions_per_image` single-turn questions become the rows of a left-padded batch that share those
+image features (box features are pooled per question from the same ConvNeXt maps). Prompts are built by
+`ChatRexProcessor` (identical to inference). Labels are IGNORE_INDEX everywhere but the answer tokens and
+the EOS after them. `images_per_step` micro-batches are accumulated per optimizer step.
+
+Determinism: the data of (step, micro-batch) comes from `np.random.default_rng([seed, step, micro])`,
+not from a running RNG, and the model is initialised under `seed`; so a run is reproducible and
+`train N; save; resume M` equals `train N + M` (same machine and thread count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from chatrex.errors import ConfigError
+from chatrex.model.constants import IGNORE_INDEX
+from chatrex.train.common import (
+    ProgressBar,
+    TrainConfigBase,
+    autocast_context,
+    build_scheduler,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
+
+STAGE1_PREFIXES = ("mm_projector.", "mm_object_projector.", "model.embed_tokens.", "lm_head.")
+DEFAULT_TASK_WEIGHTS = {
+    "detect": 0.2, "detect_multi": 0.08, "detect_absent": 0.06, "refer": 0.2, "region_category": 0.2,
+    "region_short": 0.04, "region_brief": 0.04, "region_sentence": 0.03, "caption_brief": 0.03,
+    "caption_detailed": 0.03, "count": 0.05, "conversation": 0.04,
+}
+CHECKPOINT_NAME = "checkpoint.pt"
+MODEL_DIR = "model"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRexTrainConfig(TrainConfigBase):
+    """Everything one ChatRex training run needs (JSON: configs/train_chatrex_tiny.json).
+
+    model / model_overrides: a `ChatRexConfig` preset name and keyword overrides (nested dicts replace the
+    preset's `text_config` / `vision_config` keys one by one; `vocab_size` is set from the tokenizer).
+    tokenizer: a tokenizer folder, or None to train the world tokenizer (`tokenizer_vocab_size`,
+    `tokenizer_scenes` scenes). stages: [{"stage": 1|2, "steps": int, "lr": float}, ...] run in order.
+    questions_per_image: rows per micro-batch (one scene); images_per_step: micro-batches accumulated per
+    optimizer step. warmup / schedule / min_lr_ratio: per-stage LR schedule. grad_clip: max grad norm
+    (0 = off). bf16: CPU/GPU bf16 autocast. lora: None or {"r", "alpha", "target_modules"} (stage 2).
+    task_weights: task name -> sampling weight (`chatrex.data.instructions.ALL_TASKS`). jitter: max GT box
+    jitter in px (drawn per scene in [0, jitter]). max_distractors: cap on random distractor boxes
+    (None: the data default). ckpt_every / eval_every: steps between checkpoints / quick evaluations
+    (0 = off); eval_scenes: held-out scenes per quick evaluation.
+    """
+
+    model: str = "tiny"
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+    tokenizer: str | None = None
+    tokenizer_vocab_size: int = 1000
+    tokenizer_scenes: int = 400
+    stages: tuple = ({"stage": 1, "steps": 50, "lr": 1e-3}, {"stage": 2, "steps": 500, "lr": 5e-4})
+    questions_per_image: int = 8
+    images_per_step: int = 1
+    weight_decay: float = 0.01
+    warmup: int = 50
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    bf16: bool = False
+    lora: dict | None = None
+    task_weights: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))
+    jitter: float = 3.0
+    max_distractors: int | None = None
+    seed: int = 0
+    threads: int = 1
+    ckpt_every: int = 200
+    eval_every: int = 0
+    eval_scenes: int = 20
+    log_every: int = 10
+
+    def validate(self) -> None:
+        if not self.stages:
+            raise ConfigError("stages is empty: give at least one {'stage': 1|2, 'steps': N, 'lr': x}")
+        for st in self.stages:
+            if not isinstance(st, dict) or st.get("stage") not in (1, 2) or int(st.get("steps", -1)) < 0:
+                raise ConfigError(f"bad stage {st!r}: need {{'stage': 1 or 2, 'steps': >= 0, 'lr': > 0}}")
+            if float(st.get("lr", 0)) <= 0:
+                raise ConfigError(f"stage {st!r} needs a positive lr")
+        for name in ("questions_per_image", "images_per_step", "threads"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        from chatrex.data.instructions import ALL_TASKS
+
+        unknown = sorted(set(self.task_weights) - set(ALL_TASKS))
+        if unknown or not any(float(w) > 0 for w in self.task_weights.values()):
+            raise ConfigError(f"task_weights: unknown tasks {unknown} or no positive weight; tasks: {ALL_TASKS}")
+        if self.lora is not None and int(self.lora.get("r", 0)) < 1:
+            raise ConfigError(f"lora needs r >= 1, got {self.lora!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(int(st["steps"]) for st in self.stages)
+
+    def stage_at(self, step: int) -> tuple[int, int, dict]:
+        """(stage index, first step of that stage, stage dict) for a 0-based global `step`."""
+        start = 0
+        for i, st in enumerate(self.stages):
+            if step < start + int(st["steps"]):
+                return i, start, st
+            start += int(st["steps"])
+        return len(self.stages) - 1, start - int(self.stages[-1]["steps"]), self.stages[-1]
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_model_config(config: ChatRexTrainConfig, vocab_size: int) -> Any:
+    """`ChatRexConfig` of the preset with `model_overrides` applied and the LLM vocabulary = `vocab_size`."""
+    from chatrex.model.configuration import PRESETS, ChatRexConfig
+
+    if config.model not in PRESETS:
+        raise ConfigError(f"unknown ChatRex preset {config.model!r}; choose one of {sorted(PRESETS)}")
+    kwargs = json.loads(json.dumps(PRESETS[config.model]))
+    for key, value in config.model_overrides.items():
+        if key in ("text_config", "vision_config") and isinstance(value, dict):
+            kwargs[key] = {**kwargs[key], **value}
+        else:
+            kwargs[key] = value
+    kwargs["text_config"]["vocab_size"] = int(vocab_size)
+    return ChatRexConfig(**kwargs)
+
+
+def extend_vocab(model: nn.Module, new_size: int) -> int:
+    """Resize input and output embeddings to `new_size` rows; new rows = mean of the existing rows.
+
+    This is the reference's `initialize_vision_tokenizer`: both matrices get the mean of their old rows
+    (not random rows), so new tokens start "neutral". Returns the number of rows added.
+    """
+    old = model.get_input_embeddings().weight.shape[0]
+    if new_size <= old:
+        return 0
+    model.resize_token_embeddings(new_size, mean_resizing=False)
+    with torch.no_grad():
+        for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            weight[old:] = weight[:old].mean(dim=0, keepdim=True)
+    model.config.text_config.vocab_size = new_size
+    return new_size - old
+
+
+def build_model(config: ChatRexTrainConfig, tokenizer: Any) -> nn.Module:
+    """A randomly initialised model (seeded) sized for `tokenizer`: built with the base vocabulary, then
+    extended by the ChatRex tokens with mean-initialised rows."""
+    from chatrex.model.modeling import ChatRexForConditionalGeneration
+
+    seed_everything(config.seed)
+    base = int(tokenizer.vocab_size)  # rows before the added ChatRex tokens
+    model = ChatRexForConditionalGeneration(build_model_config(config, base))
+    extend_vocab(model, len(tokenizer))
+    return model
+
+
+def load_or_build_tokenizer(config: ChatRexTrainConfig) -> Any:
+    from chatrex.train.tokenizer import build_world_tokenizer
+
+    if config.tokenizer:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(config.tokenizer)
+    return build_world_tokenizer(config.tokenizer_vocab_size, config.tokenizer_scenes, seed=config.seed)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def set_trainable(model: nn.Module, stage: int) -> list[nn.Parameter]:
+    """Freeze / unfreeze for `stage` and return the trainable parameters.
+
+    Stage 1: projectors + full input/output embedding matrices. Stage 2: everything, except the frozen base
+    weights of LoRA-wrapped layers (their adapters train).
+    """
+    for name, param in model.named_parameters():
+        if stage == 1:
+            param.requires_grad_(name.startswith(STAGE1_PREFIXES))
+        else:
+            param.requires_grad_(not getattr(param, "_lora_frozen", False))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_optimizer(model: nn.Module, config: ChatRexTrainConfig, stage: dict) -> torch.optim.Optimizer:
+    """AdamW over the stage's trainable parameters; no weight decay on norms, biases and embeddings."""
+    params = set_trainable(model, int(stage["stage"]))
+    ids = {id(p) for p in params}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if id(param) not in ids:
+            continue
+        plain = param.dim() < 2 or "norm" in name or "embed" in name or "embedding" in name
+        (no_decay if plain else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=float(stage["lr"]), betas=(0.9, 0.98), eps=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def draw_tasks(config: ChatRexTrainConfig, rng: np.random.Generator) -> list[str]:
+    names = sorted(config.task_weights)
+    weights = np.array([float(config.task_weights[n]) for n in names], dtype=np.float64)
+    picks = rng.choice(len(names), size=config.questions_per_image, p=weights / weights.sum())
+    return [names[i] for i in picks]
+
+
+def scene_samples(config: ChatRexTrainConfig, step: int, micro: int, split: str = "train") -> list[Any]:
+    """The instruction samples of micro-batch `micro` of optimizer step `step` (deterministic)."""
+    from chatrex.data.instructions import make_samples
+    from chatrex.data.synthetic import sample_scene, split_seed
+
+    rng = np.random.default_rng([config.seed, step, micro])
+    scene = sample_scene(split_seed(config.seed, step * config.images_per_step + micro, split))
+    jitter = float(rng.uniform(0.0, config.jitter)) if config.jitter > 0 else 0.0
+    return make_samples(scene, rng, draw_tasks(config, rng), max_distractors=config.max_distractors, jitter=jitter)
+
+
+def encode_samples(processor: Any, samples: Sequence[Any]) -> dict[str, Any]:
+    """Samples about ONE image -> one left-padded training batch.
+
+    Returns input_ids / labels / attention_mask (B, L) (labels = IGNORE_INDEX except answer + EOS),
+    pixel_values (1, 3, low, low), pixel_values_aux (1, 3, high, high), and `boxes`: B canvas-xyxy
+    float32 tensors (K_b, 4).
+    """
+    if not samples:
+        raise ValueError("no samples to encode")
+    low, aux, size = processor.preprocess_image(samples[0].image)
+    tok = processor.tokenizer
+    rows, boxes = [], []
+    for s in samples:
+        canvas, kept = processor.prepare_boxes(s.boxes, size)
+        if len(kept) != len(s.boxes):
+            raise ValueError(f"sample has {len(s.boxes)} boxes, more than the model's {processor.config.max_objects}")
+        prompt = processor.tokenize(processor.build_prompt(s.question, len(kept)))
+        answer = [int(i) for i in tok.encode(s.answer, add_special_tokens=False)] + [int(tok.eos_token_id)]
+        rows.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
+        boxes.append(canvas)
+    length = max(len(ids) for ids, _ in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, length), processor.pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((batch, length), dtype=torch.long)
+    for b, (ids, lab) in enumerate(rows):
+        input_ids[b, length - len(ids):] = torch.tensor(ids)
+        labels[b, length - len(ids):] = torch.tensor(lab)
+        mask[b, length - len(ids):] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "pixel_values": low,
+            "pixel_values_aux": aux, "boxes": boxes}
+
+
+def dense_object_features(model: nn.Module, maps: Sequence[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+    """`model.encode_objects(maps, [boxes])[0]` for ONE image, computed densely for fast backward.
+
+    The object encoder's 7x7 RoIAlign mean equals (sum_bins Ry) @ V @ (sum_bins Cx)^T / (count * 49)
+    (`chatrex.ops.roi_align.roi_align_mean`); here that product runs as two einsums over the whole map
+    instead of one small GEMM per RoI, whose per-RoI slice backward re-allocates the full map each time
+    (~10x slower to train). Same geometry (torchvision semantics), same box embedding; equal to
+    `encode_objects` up to float rounding (tests/test_train_chatrex.py checks it).
+    maps: the 4 ConvNeXt maps (1, C_l, H_l, W_l); boxes (K, 4) xyxy canvas px -> (K, hidden).
+    """
+    from chatrex.ops.roi_align import _roi_geometry
+
+    encoder = model.box_encoder
+    rois = boxes.reshape(-1, 4).to(device=maps[0].device, dtype=torch.float32)
+    if rois.shape[0] == 0:
+        return model.encode_objects(maps, [boxes])[0]
+    size = maps[0].shape[-2:]
+    scale = maps[0].shape[-1] / encoder.canvas_size
+    out = encoder.output_size
+    base = maps[0][:, :1].detach().float()  # only its shape / dtype / device are read
+    rois5 = torch.cat([rois.new_zeros(rois.shape[0], 1), rois], dim=1)
+    _, ry, _, cx, _, count = _roi_geometry(base, rois5, out, out, scale, -1, False)
+    ry, cx = ry.sum(1), cx.sum(1) / (count * out * out)[:, None]  # (K, H), (K, W)
+    levels = []
+    for i, level in enumerate(maps):
+        level = level.float()
+        if i > 0:
+            level = torch.nn.functional.interpolate(level, size=size, mode="bilinear", align_corners=False)
+        rows = torch.einsum("kh,chw->kcw", ry, level[0])  # (K, C_l, W)
+        levels.append(torch.einsum("kcw,kw->kc", rows, cx))  # (K, C_l)
+    features = torch.cat(levels, dim=1)
+    if encoder.add_pos_embedding:
+        features = features + encoder.box_embedding(rois, features.shape[1])[1]
+    projector = model.mm_object_projector
+    return projector(features.to(projector[0].weight.dtype))
+
+
+def batch_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Mean next-token loss over the answer tokens of a one-image batch; the image is encoded once,
+    and the boxes once when every row has the same box set (the usual case: `make_samples` shares them)."""
+    device = model.get_input_embeddings().weight.device
+    image, maps = model.encode_images(batch["pixel_values"].to(device), batch["pixel_values_aux"].to(device))
+    boxes = [b.to(device) for b in batch["boxes"]]
+    if all(b.shape == boxes[0].shape and torch.equal(b, boxes[0]) for b in boxes):
+        objects = [dense_object_features(model, maps, boxes[0])] * len(boxes)
+    else:
+        objects = [dense_object_features(model, maps, b) for b in boxes]
+    out = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+        labels=batch["labels"].to(device), image_features=image, object_features=objects,
+    )
+    return out.loss
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+class LoRALinear(nn.Module):
+    """`base(x) + (alpha / r) * B(A(x))` with the base Linear frozen; B starts at zero (identity at init)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base
+        self.base.weight._lora_frozen = True  # set_trainable keeps it frozen in stage 2
+        if self.base.bias is not None:
+            self.base.bias._lora_frozen = True
+        self.lora_a = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.scale = float(alpha) / float(r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
+
+    def merged(self) -> nn.Linear:
+        """A plain Linear with the adapter folded into its weight (for export)."""
+        with torch.no_grad():
+            self.base.weight += (self.lora_b @ self.lora_a) * self.scale
+        del self.base.weight._lora_frozen
+        return self.base
+
+
+def apply_lora(model: nn.Module, r: int, alpha: float, target_modules: Sequence[str]) -> int:
+    """Wrap the LLM's (`model.model`) Linear layers whose name ends with one of `target_modules`.
+
+    A minimal built-in LoRA (no extra dependency); `merge_lora` folds it back before export.
+    Returns how many layers were wrapped (ConfigError when none matched).
+    """
+    llm = model.get_decoder()
+    targets = [(name, mod) for name, mod in llm.named_modules()
+               if isinstance(mod, nn.Linear) and name.split(".")[-1] in set(target_modules)]
+    if not targets:
+        raise ConfigError(f"lora.target_modules {list(target_modules)} matched no Linear layer of the LLM "
+                          "(Llama/Qwen2 names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+    for name, mod in targets:
+        parent = llm.get_submodule(name.rsplit(".", 1)[0]) if "." in name else llm
+        setattr(parent, name.split(".")[-1], LoRALinear(mod, int(r), float(alpha)))
+    return len(targets)
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Replace every `LoRALinear` by its merged Linear (in place); returns how many were merged."""
+    wrapped = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, LoRALinear)]
+    for name, mod in wrapped:
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        setattr(parent, name.split(".")[-1], mod.merged())
+    return len(wrapped)
+
+
+# ---------------------------------------------------------------------------------------------- export
+def export_model(model: nn.Module, processor: Any, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a from_pretrained folder: config.json, model.safetensors, tokenizer files, processor_config.json.
+
+    LoRA adapters are merged into a copy first; `dtype` (e.g. torch.bfloat16) casts the saved weights.
+    """
+    import copy
+
+    from chatrex.train.tokenizer import save_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    plain = copy.deepcopy(model).cpu()
+    merge_lora(plain)
+    if dtype is not None:
+        plain = plain.to(dtype)
+    for param in plain.parameters():
+        param.requires_grad_(False)
+    plain.save_pretrained(str(folder), safe_serialization=True)
+    processor.save_pretrained(folder)
+    save_tokenizer(processor.tokenizer, folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- loop
+def _checkpoint_meta(path: Path) -> dict[str, Any]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {"step": int(state.get("step", 0)), "extra": state.get("extra", {}) or {}}
+
+
+def _new_stage(model: nn.Module, config: ChatRexTrainConfig, stage: dict) -> tuple[Any, Any]:
+    steps = int(stage["steps"])
+    optimizer = build_optimizer(model, config, stage)
+    warmup = min(int(config.warmup), max(steps // 4, 1))
+    scheduler = build_scheduler(optimizer, steps, warmup, config.schedule, config.min_lr_ratio)
+    return optimizer, scheduler
+
+
+def _train_step(model, processor, config, step: int, optimizer, scheduler) -> tuple[float, int]:
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    total, rows = 0.0, 0
+    for micro in range(config.images_per_step):
+        batch = encode_samples(processor, scene_samples(config, step, micro))
+        with autocast_context("cpu" if not torch.cuda.is_available() else "cuda", "bf16" if config.bf16 else None):
+            loss = batch_loss(model, batch)
+        (loss / config.images_per_step).backward()
+        total += float(loss.detach()) / config.images_per_step
+        rows += int(batch["input_ids"].shape[0])
+    if config.grad_clip > 0:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return total, rows
+
+
+def train_chatrex(config: ChatRexTrainConfig, out_dir: str | Path, resume: str | Path | None = None,
+                  stream: Any = None, max_steps: int | None = None) -> dict[str, Any]:
+    """Train (or resume) a ChatRex model; returns {"history", "step", "checkpoint", "model_dir", ...}.
+
+    Writes OUT/checkpoint.pt (resumable: model, optimizer, scheduler, step, RNG, loss history) every
+    `ckpt_every` steps and at the end, and OUT/model/ (a from_pretrained folder) with it. `max_steps`
+    stops early (after that many global steps) without changing the schedule.
+    """
+    from chatrex.model.processing import ChatRexProcessor
+
+    torch.set_num_threads(int(config.threads))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    stream = stream if stream is not None else sys.stderr
+    tokenizer = load_or_build_tokenizer(config)
+    model = build_model(config, tokenizer)
+    if config.lora is not None:
+        targets = config.lora.get("target_modules", ("q_proj", "k_proj", "v_proj", "o_proj"))
+        apply_lora(model, int(config.lora["r"]), float(config.lora.get("alpha", 2 * int(config.lora["r"]))), targets)
+    processor = ChatRexProcessor(tokenizer, model.config)
+    total = config.total_steps if max_steps is None else min(config.total_steps, int(max_steps))
+    start, history, optimizer, scheduler, current = 0, [], None, None, -1
+    if resume is not None:
+        meta = _checkpoint_meta(Path(resume))
+        start = meta["step"]
+        current = config.stage_at(start)[0] if start < config.total_steps else len(config.stages) - 1
+        optimizer, scheduler = _new_stage(model, config, config.stages[current])
+        same = int(meta["extra"].get("stage_index", -1)) == current
+        load_checkpoint(resume, model, optimizer if same else None, scheduler if same else None)
+        history = list(meta["extra"].get("history", []))
+    bar = ProgressBar(total, desc="chatrex", stream=stream, every=config.log_every)
+    started = time.perf_counter()
+    for step in range(start, total):
+        index, _, stage = config.stage_at(step)
+        if index != current:
+            optimizer, scheduler, current = *_new_stage(model, config, stage), index
+        loss, rows = _train_step(model, processor, config, step, optimizer, scheduler)
+        history.append(loss)
+        bar.update(step + 1, loss=loss, samples=rows, stage=int(stage["stage"]), lr=scheduler.get_last_lr()[0])
+        done = step + 1
+        if (config.ckpt_every and done % config.ckpt_every == 0) or done == total:
+            _save(out, model, processor, optimizer, scheduler, done, current, history, config)
+        if config.eval_every and done % config.eval_every == 0:
+            _quick_eval(model, processor, config, done, stream)
+    bar.close()
+    return {"history": history, "step": max(total, start), "checkpoint": out / CHECKPOINT_NAME,
+            "model_dir": out / MODEL_DIR, "seconds": time.perf_counter() - started, "model": model,
+            "processor": processor}
+
+
+def _save(out: Path, model, processor, optimizer, scheduler, step: int, stage_index: int, history, config) -> None:
+    extra = {"stage_index": int(stage_index), "history": [float(h) for h in history], "config": json.dumps(config.to_dict())}
+    save_checkpoint(out / CHECKPOINT_NAME, model, optimizer, scheduler, step=step, extra=extra)
+    export_model(model, processor, out / MODEL_DIR)
+
+
+def _quick_eval(model, processor, config: ChatRexTrainConfig, step: int, stream: Any) -> None:
+    from chatrex.eval.chatrex_eval import evaluate_chatrex, heldout_scenes
+
+    scores = evaluate_chatrex(model, processor, heldout_scenes(config.eval_scenes, seed=config.seed + 1))
+    stream.write(f"[eval step {step}] " + " ".join(f"{k} {v:.3f}" for k, v in scores.items()
+                                                  if isinstance(v, float)) + "\n")
+    stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    """`chatrex train chatrex --config FILE --out DIR [--steps N] [--resume CKPT] [--threads N] [key=value ...]`."""
+    parser = argparse.ArgumentParser(prog="chatrex train chatrex", description="Train the ChatRex MLLM on synthetic shapes.")
+    parser.add_argument("--config", help="training config JSON (e.g. configs/train_chatrex_tiny.json)")
+    parser.add_argument("--out", required=True, help="output folder (checkpoint.pt, model/)")
+    parser.add_argument("--steps", type=int, help="stop after this many global steps (schedule unchanged)")
+    parser.add_argument("--resume", help="checkpoint.pt to resume from")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the config's)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value (JSON values)")
+    args = parser.parse_args(argv)
+    try:
+        config = ChatRexTrainConfig.from_json(args.config, args.overrides)
+        if args.threads:
+            config = config.replace(threads=args.threads)
+        result = train_chatrex(config, args.out, resume=args.resume, max_steps=args.steps)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    last = result["history"][-1] if result["history"] else float("nan")
+    print(f"done: step {result['step']}, last loss {last:.4f}, model in {result['model_dir']}")
+    return 0
+
+
+__all__ = [
+    "ChatRexTrainConfig", "LoRALinear", "apply_lora", "batch_loss", "build_model", "build_model_config",
+    "build_optimizer", "encode_samples", "export_model", "extend_vocab", "main", "merge_lora", "scene_samples",
+    "set_trainable", "train_chatrex",
+]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,233 @@
+"""ChatRex trainer and tokenizer: special tokens, label masking, stage freezing, dense RoI parity,
+loss decrease, exact resume, LoRA, and the exported folder loading through every entry point."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from chatrex.constants import SPECIAL_TOKENS
+from chatrex.model.constants import IGNORE_INDEX
+from chatrex.train import chatrex_trainer as T
+from chatrex.train.tokenizer import prompt_corpus, save_tokenizer, train_tokenizer
+
+torch.set_num_threads(1)
+
+# Smallest useful model: the tiny preset with a 1-layer LLM, small towers.
+SMALL = {
+    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                    "num_attention_heads": 2, "num_key_value_heads": 1},
+    "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+    "convnext_dims": [4, 8, 8, 16],
+    "convnext_depths": [1, 1, 1, 1],
+}
+
+
+def small_config(**changes) -> T.ChatRexTrainConfig:
+    base = dict(model="tiny", model_overrides=SMALL, tokenizer_scenes=3, tokenizer_vocab_size=300,
+                stages=({"stage": 1, "steps": 2, "lr": 2e-3}, {"stage": 2, "steps": 4, "lr": 2e-3}),
+                questions_per_image=3, warmup=1, ckpt_every=0, log_every=1000, seed=3)
+    base.update(changes)
+    return T.ChatRexTrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(prompt_corpus(), 300)
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tokenizer):
+    from chatrex.model.processing import ChatRexProcessor
+
+    model = T.build_model(small_config(), tokenizer)
+    return model, ChatRexProcessor(tokenizer, model.config)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def test_tokenizer_specials_round_trip_and_determinism(tokenizer, tmp_path):
+    assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
+    assert tokenizer.bos_token_id == 1 and tokenizer.eos_token_id == 2
+    first = tokenizer.convert_tokens_to_ids("<obj0>")
+    assert first == tokenizer.vocab_size  # appended after the BPE vocabulary, reference order
+    for k, tok in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.encode(tok, add_special_tokens=False) == [first + k]
+    text = "<ground>red circle</ground><objects><obj3><obj12></objects>\nThere are 2 small stars."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=False, spaces_between_special_tokens=False) == text
+    save_tokenizer(tokenizer, tmp_path)
+    assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= {p.name for p in tmp_path.iterdir()}
+    from transformers import AutoTokenizer
+
+    again = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert again.encode(text, add_special_tokens=False) == ids and len(again) == len(tokenizer)
+    other = train_tokenizer(prompt_corpus(), 300)
+    assert other.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+
+
+def test_tokenizer_keeps_special_text_out_of_bpe():
+    # "<obj0>" in the corpus must not become a plain BPE token (it would then not be special).
+    tok = train_tokenizer(["<obj0> <obj0> <ground>x</ground>"] * 50 + prompt_corpus(), 300)
+    assert tok.convert_tokens_to_ids("<obj0>") == tok.vocab_size
+
+
+# ---------------------------------------------------------------------------------------------- data / labels
+def test_labels_mask_everything_but_answer_and_eos(model_and_processor):
+    _, processor = model_and_processor
+    samples = T.scene_samples(small_config(), step=0, micro=0)
+    assert len(samples) >= 2
+    batch = T.encode_samples(processor, samples)
+    tok = processor.tokenizer
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape == labels.shape == mask.shape and ids.shape[0] == len(samples)
+    for b, sample in enumerate(samples):
+        answer = tok.encode(sample.answer, add_special_tokens=False) + [tok.eos_token_id]
+        supervised = labels[b][labels[b] != IGNORE_INDEX].tolist()
+        assert supervised == answer
+        assert labels[b, -len(answer):].tolist() == answer  # answer at the end of the (left-padded) row
+        assert ids[b, -len(answer):].tolist() == answer
+        n = int(mask[b].sum())
+        prompt = processor.tokenize(processor.build_prompt(sample.question, len(sample.boxes)))
+        assert ids[b, -n:].tolist() == prompt + answer  # the inference prompt, exactly
+        assert (mask[b, : ids.shape[1] - n] == 0).all()
+        assert batch["boxes"][b].shape == (len(sample.boxes), 4)
+
+
+def test_data_is_deterministic_per_step():
+    cfg = small_config()
+    a, b = T.scene_samples(cfg, 5, 0), T.scene_samples(cfg, 5, 0)
+    assert [(s.question, s.answer, s.boxes) for s in a] == [(s.question, s.answer, s.boxes) for s in b]
+    c = T.scene_samples(cfg, 6, 0)
+    assert [s.answer for s in a] != [s.answer for s in c]
+
+
+# ---------------------------------------------------------------------------------------------- model pieces
+def test_extend_vocab_initialises_new_rows_to_the_mean(tokenizer):
+    model = T.build_model(small_config(), tokenizer)
+    base = tokenizer.vocab_size
+    for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        assert weight.shape[0] == len(tokenizer)
+        mean = weight[:base].mean(0)
+        torch.testing.assert_close(weight[base:], mean.expand(len(tokenizer) - base, -1))
+    assert model.config.text_config.vocab_size == len(tokenizer)
+
+
+def test_dense_object_features_match_the_model_encoder(model_and_processor):
+    model, _ = model_and_processor
+    torch.manual_seed(0)
+    side = model.config.high_res_size
+    maps = model.encode_highres(torch.randn(1, 3, side, side))
+    xy = torch.rand(9, 2) * side * 0.7
+    boxes = torch.cat([xy, xy + torch.rand(9, 2) * 80 + 1], dim=1)
+    boxes[0] = torch.tensor([-5.0, -5.0, 20.0, 30.0])  # partly outside the canvas
+    with torch.no_grad():
+        ref = model.encode_objects(maps, [boxes])[0]
+        got = T.dense_object_features(model, maps, boxes)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_stage1_trains_only_projectors_and_embeddings(model_and_processor):
+    model, processor = model_and_processor
+    cfg = small_config()
+    T.build_optimizer(model, cfg, {"stage": 1, "steps": 1, "lr": 1e-3})
+    model.zero_grad(set_to_none=True)
+    T.batch_loss(model, T.encode_samples(processor, T.scene_samples(cfg, 0, 0))).backward()
+    for name, param in model.named_parameters():
+        trainable = name.startswith(T.STAGE1_PREFIXES)
+        assert param.requires_grad == trainable, name
+        if not trainable:
+            assert param.grad is None, name
+    for prefix in ("mm_projector.0.weight", "mm_object_projector.0.weight", "lm_head.weight"):
+        assert dict(model.named_parameters())[prefix].grad.abs().sum() > 0
+    T.build_optimizer(model, cfg, {"stage": 2, "steps": 1, "lr": 1e-3})
+    assert all(p.requires_grad for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_training_decreases_the_loss(tmp_path):
+    cfg = small_config(stages=({"stage": 2, "steps": 24, "lr": 3e-3},), questions_per_image=4, warmup=2)
+    result = T.train_chatrex(cfg, tmp_path, stream=open(tmp_path / "log.txt", "w"))
+    hist = result["history"]
+    assert len(hist) == 24 and all(np.isfinite(hist))
+    assert np.mean(hist[-4:]) < np.mean(hist[:2]) - 1.0, hist
+    assert "samples/s" in (tmp_path / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("split", [2, 3])  # at the stage boundary and inside stage 2
+def test_resume_equals_straight_run(tmp_path, split):
+    cfg = small_config(ckpt_every=1)
+    straight = T.train_chatrex(cfg, tmp_path / "a", stream=open(tmp_path / "a.log", "w"))
+    T.train_chatrex(cfg, tmp_path / "b", stream=open(tmp_path / "b.log", "w"), max_steps=split)
+    resumed = T.train_chatrex(cfg, tmp_path / "c", resume=tmp_path / "b" / T.CHECKPOINT_NAME,
+                              stream=open(tmp_path / "c.log", "w"))
+    assert resumed["history"] == straight["history"]
+    sa, sc = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_lora_wraps_merges_and_trains_adapters_only(model_and_processor, tokenizer):
+    model = T.build_model(small_config(), tokenizer)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    n = T.apply_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    assert n == 2  # one LLM layer, two projections
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before)  # B = 0 at init
+    T.build_optimizer(model, small_config(), {"stage": 2, "steps": 1, "lr": 1e-3})
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.endswith("base.weight") for n in frozen)
+    for mod in model.modules():
+        if isinstance(mod, T.LoRALinear):
+            torch.nn.init.normal_(mod.lora_b, std=0.05)
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, before)
+    assert T.merge_lora(model) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-5)
+    with pytest.raises(Exception, match="matched no Linear"):
+        T.apply_lora(model, 4, 8, ["nope"])
+
+
+def test_config_validation_and_cli(tmp_path):
+    from chatrex.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        small_config(stages=({"stage": 3, "steps": 1, "lr": 1e-3},))
+    with pytest.raises(ConfigError):
+        small_config(task_weights={"nope": 1.0})
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(small_config().to_dict()))
+    assert T.main(["--config", str(path), "--out", str(tmp_path / "run"), "--steps", "1"]) == 0
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert T.main(["--config", str(path), "--out", str(tmp_path / "x"), "questions_per_image=0"]) == 2
+
+
+def test_exported_folder_loads_everywhere(model_and_processor, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import chatrex  # noqa: F401  (registers the Auto classes)
+    from chatrex.model.modeling import ChatRexForConditionalGeneration
+    from chatrex.model.processing import ChatRexProcessor
+    from chatrex.pipeline import ChatRex
+
+    model, processor = model_and_processor
+    folder = T.export_model(model, processor, tmp_path / "m")
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    for loaded in (ChatRexForConditionalGeneration.from_pretrained(folder),
+                   AutoModelForCausalLM.from_pretrained(folder)):
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+    proc = ChatRexProcessor.from_pretrained(folder)
+    assert proc.config == processor.config and len(proc.tokenizer) == len(processor.tokenizer)
+    pipe = ChatRex.from_pretrained(mllm=folder, dtype=torch.float32, device="cpu")
+    result = pipe.detect(T.scene_samples(small_config(), 0, 0)[0].image, ["red circle"], boxes=[[1, 1, 30, 30]])
+    assert isinstance(result.raw, str)
