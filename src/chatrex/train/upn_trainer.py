@@ -53,6 +53,7 @@ class UPNTrainConfig(TrainConfigBase):
     drawn per training image (multi-scale; default ``(short,)``). min_size: per-prompt minimum object
     size in px (max box side, original image). lr_backbone_scale multiplies lr for the Swin.
     data_repeat > 0 cycles the data of the first ``data_repeat`` steps (overfitting checks).
+    renderer: "default", "alt" or "randomized" (domain randomization, ``chatrex.train.upn_augment``).
     """
 
     model: Any = "tiny"
@@ -75,6 +76,7 @@ class UPNTrainConfig(TrainConfigBase):
     prompts: tuple[str, ...] = ("fine", "coarse")
     min_size: Any = None
     renderer: str = "default"
+    min_objects: int = 1
     max_objects: int = 8
     data_repeat: int = 0
     ckpt_every: int = 200
@@ -95,6 +97,8 @@ class UPNTrainConfig(TrainConfigBase):
             raise ConfigError(f"UPNTrainConfig.prompts must be a non-empty subset of {sorted(PROMPTS)}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError("UPNTrainConfig.schedule must be cosine, linear or constant")
+        if self.renderer not in ("default", "alt", "randomized"):
+            raise ConfigError("UPNTrainConfig.renderer must be default, alt or randomized")
         if not 0 < self.prior_prob < 1:
             raise ConfigError("UPNTrainConfig.prior_prob must be in (0, 1)")
         self.upn_config()  # validates the model part
@@ -175,8 +179,11 @@ def make_example(config: UPNTrainConfig, step: int, item: int) -> tuple[torch.Te
     if config.data_repeat > 0:
         step = step % config.data_repeat
     index = step * config.batch_size + item
-    scene = sample_scene(split_seed(config.data_seed, index, "train"), renderer=config.renderer,
-                         max_objects=config.max_objects)
+    renderer: Any = config.renderer
+    if renderer == "randomized":
+        from chatrex.train.upn_augment import RANDOMIZED_STYLE as renderer
+    scene = sample_scene(split_seed(config.data_seed, index, "train"), renderer=renderer,
+                         min_objects=config.min_objects, max_objects=config.max_objects)
     rng = np.random.default_rng([config.data_seed, step, item, 7])
     shorts = config.train_shorts or (config.short,)
     short = int(shorts[int(rng.integers(len(shorts)))])
