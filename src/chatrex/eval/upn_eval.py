@@ -112,10 +112,13 @@ def load_predictor(checkpoint: str | Path | None = None, config: str | Path | No
     from chatrex.upn.predictor import UPNPredictor
 
     if checkpoint is None:
-        from importlib.resources import files
+        from chatrex import embedded
+        from chatrex.errors import MissingWeightsError
 
-        assets = files("chatrex") / "assets"
-        checkpoint, config = str(assets / "tiny_upn.safetensors"), str(assets / "tiny_upn.json")
+        predictor = embedded.upn_predictor(device=device)
+        if predictor is None:
+            raise MissingWeightsError("this build ships no embedded UPN; pass --checkpoint (and --config)")
+        return predictor
     if config is None and Path(checkpoint).with_suffix(".json").is_file():
         config = Path(checkpoint).with_suffix(".json")
     sizes: dict[str, Any] = {}
