@@ -280,19 +280,24 @@ def evaluate_pipeline(pipeline: Any, coco_json: str | Path | dict, images: str |
     """Detection by retrieval: COCO AP / AP50 of `pipeline.detect(image, [category])` with UPN proposals.
 
     For every image: each category present in its annotations plus `absent_per_image` absent ones (seeded)
-    is asked alone; every selected box becomes a detection with its UPN score. AP is computed over the
-    categories, on the images (first `limit` when given) that were asked.
+    is asked alone; every selected box becomes a detection scored by its UPN score. AP is computed over
+    the dataset's categories, on the images (the first `limit` when given) that were asked.
     """
+    if isinstance(coco_json, dict):
+        data, items = coco_json, _items_from_dict(coco_json, images)
+    else:
+        data, items = load_coco(coco_json, images)
+    return pipeline_ap(pipeline, items[:limit] if limit is not None else items, data, absent_per_image, seed)
+
+
+def pipeline_ap(pipeline: Any, items: Sequence[EvalItem], coco_gt: dict, absent_per_image: int = 1,
+                seed: int = 0) -> dict[str, float]:
+    """`evaluate_pipeline` on EvalItems (images may be in memory) against the COCO dict `coco_gt`
+    (its image ids = the items' `image_id`, its category names = the items' categories)."""
     from chatrex.eval.coco_eval import coco_ap
     from chatrex.ops.boxes import box_xyxy_to_xywh
 
-    if isinstance(coco_json, dict):
-        data = coco_json
-        tmp_items = _items_from_dict(data, images)
-    else:
-        data, tmp_items = load_coco(coco_json, images)
-    items = tmp_items[:limit] if limit is not None else tmp_items
-    ids = {c["name"]: c["id"] for c in data["categories"]}
+    ids = {c["name"]: c["id"] for c in coco_gt["categories"]}
     rng = np.random.default_rng(seed)
     dets = []
     for item in items:
@@ -300,17 +305,30 @@ def evaluate_pipeline(pipeline: Any, coco_json: str | Path | dict, images: str |
         pool = [c for c in item.vocabulary if c not in present]
         asked = present + [pool[int(i)] for i in rng.permutation(len(pool))[:absent_per_image]]
         for cat in asked:
-            result = pipeline.detect(item.image, [cat])
-            for d in result.detections:
+            for d in pipeline.detect(item.image, [cat]).detections:
                 xywh = box_xyxy_to_xywh(torch.tensor([d.box], dtype=torch.float64))[0].tolist()
                 dets.append({"image_id": item.image_id, "category_id": ids[cat], "bbox": xywh, "score": float(d.score)})
     keep = {item.image_id for item in items}
-    gt = {**data, "images": [i for i in data["images"] if i["id"] in keep],
-          "annotations": [a for a in data["annotations"] if a["image_id"] in keep]}
-    scores = coco_ap(gt, dets, class_agnostic=False)
-    scores["n_images"] = float(len(items))
-    scores["n_detections"] = float(len(dets))
+    gt = {**coco_gt, "images": [i for i in coco_gt["images"] if i["id"] in keep],
+          "annotations": [a for a in coco_gt["annotations"] if a["image_id"] in keep]}
+    scores: dict[str, float] = coco_ap(gt, dets, class_agnostic=False)
+    scores.update(n_images=float(len(items)), n_detections=float(len(dets)))
     return scores
+
+
+def items_to_coco(items: Sequence[EvalItem]) -> dict[str, Any]:
+    """A COCO ground-truth dict of EvalItems (image ids = item ids; categories = the items' vocabulary)."""
+    from chatrex.eval.coco_eval import coco_dataset
+
+    vocab = sorted({c for item in items for c in (*item.vocabulary, *item.categories)})
+    cat_id = {name: i + 1 for i, name in enumerate(vocab)}
+    images = []
+    for item in items:
+        width, height = _image_size(item.image)
+        images.append({"id": item.image_id, "width": width, "height": height, "file_name": f"{item.image_id}.png"})
+    boxes = [torch.as_tensor(np.asarray(item.boxes, np.float64).reshape(-1, 4)) for item in items]
+    return coco_dataset(images, boxes, [[cat_id[c] for c in item.categories] for item in items],
+                        [{"id": i, "name": n} for n, i in cat_id.items()])
 
 
 def _items_from_dict(data: dict, images: Any) -> list[EvalItem]:
@@ -351,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         items = heldout_scenes(args.synthetic, renderer=args.renderer)
         scores.update(evaluate_chatrex(pipe.model, pipe.processor, items, distractors=args.distractors))
         if pipe.upn is not None:
-            from chatrex.data.coco import scenes_to_coco  # noqa: F401  (H8's exporter writes images + json)
+            scores.update({f"pipeline_{k}": v for k, v in pipeline_ap(pipe, items, items_to_coco(items)).items()})
     else:
         data, items = load_coco(args.ann, args.images)
         items = items[:args.limit] if args.limit else items
@@ -367,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = [
     "EvalItem", "answer_questions", "build_queries", "evaluate_chatrex", "evaluate_pipeline", "heldout_scenes",
-    "load_coco", "main", "normalize_phrase", "referring_correct", "scene_item",
+    "items_to_coco", "load_coco", "pipeline_ap", "main", "normalize_phrase", "referring_correct", "scene_item",
 ]
 
 

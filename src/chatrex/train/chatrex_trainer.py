@@ -68,7 +68,9 @@ class ChatRexTrainConfig(TrainConfigBase):
     questions_per_image: rows per micro-batch (one scene); images_per_step: micro-batches accumulated per
     optimizer step. warmup / schedule / min_lr_ratio: per-stage LR schedule. grad_clip: max grad norm
     (0 = off). bf16: CPU/GPU bf16 autocast. lora: None or {"r", "alpha", "target_modules"} (stage 2).
-    task_weights: task name -> sampling weight (`chatrex.data.instructions.ALL_TASKS`). jitter: max GT box
+    task_weights: task name -> sampling weight (`chatrex.data.instructions.ALL_TASKS`). renderer: training
+    scenes from the "default" renderer or "randomized" (the default renderer's world with domain
+    randomization: rotations, stretch, colour jitter, more backgrounds; `chatrex.train.upn_augment`). jitter: max GT box
     jitter in px (drawn per scene in [0, jitter]). max_distractors: cap on random distractor boxes
     (None: the data default). ckpt_every / eval_every: steps between checkpoints / quick evaluations
     (0 = off); eval_scenes: held-out scenes per quick evaluation.
@@ -90,6 +92,7 @@ class ChatRexTrainConfig(TrainConfigBase):
     bf16: bool = False
     lora: dict | None = None
     task_weights: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))
+    renderer: str = "default"
     jitter: float = 3.0
     max_distractors: int | None = None
     seed: int = 0
@@ -115,6 +118,8 @@ class ChatRexTrainConfig(TrainConfigBase):
         unknown = sorted(set(self.task_weights) - set(ALL_TASKS))
         if unknown or not any(float(w) > 0 for w in self.task_weights.values()):
             raise ConfigError(f"task_weights: unknown tasks {unknown} or no positive weight; tasks: {ALL_TASKS}")
+        if self.renderer not in ("default", "randomized"):
+            raise ConfigError(f"renderer must be 'default' or 'randomized', got {self.renderer!r}")
         if self.lora is not None and int(self.lora.get("r", 0)) < 1:
             raise ConfigError(f"lora needs r >= 1, got {self.lora!r}")
 
@@ -231,7 +236,10 @@ def scene_samples(config: ChatRexTrainConfig, step: int, micro: int, split: str 
     from chatrex.data.synthetic import sample_scene, split_seed
 
     rng = np.random.default_rng([config.seed, step, micro])
-    scene = sample_scene(split_seed(config.seed, step * config.images_per_step + micro, split))
+    renderer: Any = config.renderer
+    if renderer == "randomized":
+        from chatrex.train.upn_augment import RANDOMIZED_STYLE as renderer
+    scene = sample_scene(split_seed(config.seed, step * config.images_per_step + micro, split), renderer=renderer)
     jitter = float(rng.uniform(0.0, config.jitter)) if config.jitter > 0 else 0.0
     return make_samples(scene, rng, draw_tasks(config, rng), max_distractors=config.max_distractors, jitter=jitter)
 
