@@ -123,7 +123,7 @@ def test_chat_flow_two_turns_keep_history_and_reuse_the_image(scripted_rex, scen
     assert out[2] == "<obj0>: [18.0, 18.0, 72.0, 72.0]"
     steps = list(h.send(session, "drawn", 0.3, "Region category", "<obj0>", False, ""))
     session, messages, answer, overlay, raw, phrases, status, question = steps[-1]
-    assert raw == SCRIPTED_ANSWER and "Answered" in status and "image encoded" in status
+    assert raw == SCRIPTED_ANSWER and "Turn 1 answered" in status and "image encoded" in status
     assert messages[0]["content"].startswith("What is the category name of &lt;obj0&gt;")
     assert messages[1]["content"] == "person" and answer.value == [{"token": "person", "class_or_confidence": "person"}]
     assert phrases[0][:2] == ["person", "<obj0>, <obj2> (no box), <obj7> (no box)"]
@@ -132,7 +132,7 @@ def test_chat_flow_two_turns_keep_history_and_reuse_the_image(scripted_rex, scen
     steps = list(h.send(session, "drawn", 0.3, "Free question", "", False, "Which one is red?"))
     _, messages, *_, status, question = steps[-1]
     assert [m["content"] for m in messages[::2]][-1] == "Which one is red?" and len(messages) == 4
-    assert "reused from the cache" in status and question == ""
+    assert "Turn 2 answered" in status and "reused from the cache" in status and question == ""
     assert [q for q, _ in session.history][1] == "Answer the question in grounded format. Which one is red?"
     cleared = h.clear_chat(session)
     assert cleared[1] == [] and session.history == [] and session.boxes  # boxes survive a new chat

@@ -248,7 +248,7 @@ class DemoHandlers:
         session.history = [*history, (result.question, result.raw)]
         messages[-1] = {"role": "assistant", "content": escape(result.text or result.raw) or "(empty answer)"}
         session.messages = messages
-        yield (session, messages, *self._answer_outputs(session, result), self._answer_status(result, note), "")
+        yield (session, messages, *self._answer_outputs(session, result), self._answer_status(result, note, len(session.history)), "")
 
     def _answer_outputs(self, session: ChatSession, result: Any) -> tuple:
         """(highlighted answer, overlay, raw text, phrase rows) of one result."""
@@ -259,10 +259,10 @@ class DemoHandlers:
                 render.phrase_rows(result.answer, result.boxes.boxes))
 
     @staticmethod
-    def _answer_status(result: Any, note: str) -> str:
+    def _answer_status(result: Any, note: str, turn: int) -> str:
         timing = result.timing
         cache = "image features reused from the cache" if timing.cache_hit else "image encoded"
-        text = f"Answered in {timing.total_s:.2f} s with {note}; {cache}."
+        text = f"Turn {turn} answered in {timing.total_s:.2f} s with {note}; {cache}."
         if result.problems:
             text += "  \n**Problems:** " + escape("; ".join(result.problems))
         return text
