@@ -167,3 +167,50 @@ def test_errors_are_messages_not_tracebacks(scripted_rex, random_rex, scene, tmp
     bad = _last(h.send(session, "drawn", 0.3, "Region category", "<obj99>", False, ""))
     assert "&lt;obj99&gt; does not exist" in bad[6]
     assert "internal error (KeyError" in error_text(KeyError("x")) and "ValueError: v" == error_text(ValueError("v"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_serves_on_localhost_and_cleans_up_on_sigterm(scripted_chatrex_dir, tiny_upn_ckpt, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "chatrex", "ui", "--mllm", str(scripted_chatrex_dir), "--upn", str(tiny_upn_ckpt),
+           "--upn-config", "tiny", "--device", "cpu", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()  # printed after the models loaded, before serving
+        assert f"serving on http://127.0.0.1:{port}" in line, line
+        deadline, page = time.monotonic() + 60, ""
+        while time.monotonic() < deadline and not page:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert "ChatRex" in page
+        owned = [p for p in tmp_path.iterdir() if p.name.startswith("chatrex-ui-")]
+        assert len(owned) == 1  # the app's temp dir (TMPDIR points here)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert not owned[0].exists()  # removed on shutdown
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # and nothing else was written in cwd/TMPDIR
+
+
+def test_cli_missing_weights_is_one_line(tmp_path, capsys):
+    from chatrex.cli import main
+
+    assert main(["ui", "--mllm", str(tmp_path / "missing"), "--port", str(_free_port())]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("chatrex ui: error:") and "missing" in err and "\n" not in err

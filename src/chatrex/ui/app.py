@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -208,8 +209,17 @@ def run(mllm: str | None = None, upn: str | None = None, *, host: str = "127.0.0
                                        max_new_tokens=max_new_tokens)
 
     demo = build_app(factory, max_upload_mb=max_upload_mb)
-    print(f"chatrex ui: serving on http://{host}:{port} (uploads under {demo.chatrex_tmp_dir}; Ctrl+C stops)")
-    launch(demo, host=host, port=port, block=True)
+    print(f"chatrex ui: serving on http://{host}:{port} (uploads under {demo.chatrex_tmp_dir}; Ctrl+C stops)",
+          flush=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops like Ctrl+C: temp dir removed
+    try:
+        launch(demo, host=host, port=port, block=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 __all__ = ["DEFAULT_MAX_UPLOAD_MB", "build_app", "launch", "run"]
