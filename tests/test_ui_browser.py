@@ -229,6 +229,18 @@ def test_chat_tab_draw_ask_detect_follow_up_and_corrupt_upload(browser, scripted
     assert list(workdir.iterdir()) == []
 
 
+def test_oversized_upload_is_refused_with_a_message(browser, scripted_app, tmp_path):
+    url, _, tmp_dir = scripted_app
+    big = tmp_path / "huge_photo.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(6 * 2**20))  # the test app allows 5 MB
+    page = _page(browser, url)
+    page.set_input_files("#p-upload input[type=file]", str(big))
+    page.wait_for_selector("text=exceed the maximum allowed size")
+    assert "huge_photo.png" in page.inner_text("body")
+    page.close()
+    assert not list(Path(tmp_dir).rglob("huge_photo.png"))  # never stored
+
+
 # ----------------------------------------------------------------------------- embedded model: real answers
 @pytest.fixture(scope="module")
 def embedded_app(tmp_path_factory, workdir):
