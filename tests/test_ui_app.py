@@ -79,6 +79,10 @@ def test_build_app_loads_once_and_owns_its_temp_dir(scripted_rex, tmp_path):
         assert os.environ["GRADIO_TEMP_DIR"] == str(tmp_path / "ui")
         caches = {Path(block.GRADIO_CACHE) for block in demo.blocks.values() if hasattr(block, "GRADIO_CACHE")}
         assert caches == {tmp_path / "ui"}  # every component keeps files in the app's dir
+        import gradio.routes
+
+        assert gradio.routes.DEFAULT_TEMP_DIR == str(tmp_path / "ui")  # its scratch folder too
+        assert "vibe_edit_history" in {p.name for p in (tmp_path / "ui").iterdir()}
         labels = {getattr(b, "label", None) for b in demo.blocks.values()}
         assert {"Proposals", "Chat"} <= labels
     finally:

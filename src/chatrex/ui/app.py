@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,20 @@ def _own_temp_dir(tmp_dir: str | Path | None) -> tuple[Path, bool]:
     created = tmp_dir is None
     path = Path(tempfile.mkdtemp(prefix="chatrex-ui-")) if created else Path(tmp_dir)
     path.mkdir(parents=True, exist_ok=True)
+    _point_gradio_at(path)
+    return path, created
+
+
+def _point_gradio_at(path: Path) -> None:
+    """Make gradio keep every file under `path`: uploads and example copies (GRADIO_TEMP_DIR, read when
+    components and the server are built) and the scratch folder `gradio.routes` makes whenever an app
+    object is created (a copy of GRADIO_TEMP_DIR taken when gradio was first imported)."""
     os.environ["GRADIO_TEMP_DIR"] = str(path)
     os.environ["GRADIO_EXAMPLES_CACHE"] = str(path / "examples")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    return path, created
+    routes = sys.modules.get("gradio.routes")
+    if routes is not None:  # gradio was imported before us: its copy still names the default dir
+        routes.DEFAULT_TEMP_DIR = str(path)
 
 
 def _resolve_pipeline(pipeline: Any) -> Any:
@@ -69,13 +80,26 @@ def build_app(pipeline: Any = None, *, tmp_dir: str | Path | None = None,
     Returns:
         the `gr.Blocks`; `demo.chatrex_tmp_dir` / `demo.chatrex_max_upload_mb` are read by `launch`.
     """
+    rex = _resolve_pipeline(pipeline)  # first: a failed load leaves no temp dir behind
     tmp_path, created = _own_temp_dir(tmp_dir)
-    import gradio as gr
+    try:
+        demo = _blocks(rex, max_upload_mb, examples)
+    except BaseException:
+        if created:
+            shutil.rmtree(tmp_path, ignore_errors=True)
+        raise
+    demo.chatrex_tmp_dir, demo.chatrex_owns_tmp = tmp_path, created
+    demo.chatrex_max_upload_mb = float(max_upload_mb)
+    demo.chatrex_pipeline = rex
+    return demo
+
+
+def _blocks(rex: Any, max_upload_mb: float, examples: list[str | Path] | None):
+    import gradio as gr  # after GRADIO_TEMP_DIR is set: components read it when built
 
     from chatrex.ui.examples import example_paths
     from chatrex.ui.handlers import DemoHandlers
 
-    rex = _resolve_pipeline(pipeline)
     handlers = DemoHandlers(rex, int(max_upload_mb * 2**20))
     example_files = [str(p) for p in (examples if examples is not None else example_paths())]
     with gr.Blocks(title=_TITLE, analytics_enabled=False, delete_cache=(3600, 6 * 3600)) as demo:
@@ -85,9 +109,6 @@ def build_app(pipeline: Any = None, *, tmp_dir: str | Path | None = None,
                 _proposals_tab(gr, handlers, example_files)
             with gr.Tab("Chat", id="chat"):
                 _chat_tab(gr, handlers, example_files)
-    demo.chatrex_tmp_dir, demo.chatrex_owns_tmp = tmp_path, created
-    demo.chatrex_max_upload_mb = float(max_upload_mb)
-    demo.chatrex_pipeline = rex
     return demo
 
 
@@ -185,7 +206,7 @@ def launch(demo: Any, host: str = "127.0.0.1", port: int | None = 7860, *, block
     `build_app` created it. Returns the demo.
     """
     tmp_path = Path(demo.chatrex_tmp_dir)
-    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path)  # the upload route reads it when the server starts
+    _point_gradio_at(tmp_path)  # again: another app may have been built in this process since
     max_mb = demo.chatrex_max_upload_mb
     demo.queue(default_concurrency_limit=1)
     try:
