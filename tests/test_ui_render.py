@@ -93,7 +93,8 @@ def test_canvas_draws_boxes_at_display_scale():
 
 
 # ----------------------------------------------------------------------------- answers
-RAW = "A <ground>red circle</ground><objects><obj1></objects> left of <ground>stars</ground><objects><obj0><obj3></objects>."
+RAW = ("A <ground>red circle</ground><objects><obj1></objects> left of "
+       "<ground>stars</ground><objects><obj0><obj3></objects>.")
 
 
 def test_highlighted_segments_rebuild_the_text_with_box_colours():
@@ -111,7 +112,8 @@ def test_overlay_draws_phrase_boxes_in_the_highlight_colour():
     answer = parse_answer("<ground>red circle</ground><objects><obj1></objects>", boxes)
     out = render.draw_grounded(image, boxes, answer, render.canvas_scale(image.size))
     s = render.canvas_scale(image.size)
-    assert color_for("red circle") in [out.getpixel((x, round(150 * s))) for x in range(int(100 * s) - 1, int(100 * s) + 3)]
+    row = [out.getpixel((x, round(150 * s))) for x in range(int(100 * s) - 1, int(100 * s) + 3)]
+    assert color_for("red circle") in row
     assert out.getpixel((round(10 * s) + 1, round(40 * s))) == (128, 128, 128)  # box 0 not named: not drawn
 
 

@@ -134,7 +134,8 @@ def _proposals_tab(gr: Any, h: Any, example_files: list[str]) -> None:
             nms = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="NMS IoU (0 = off)", elem_id="p-nms")
             run = gr.Button("Propose", variant="primary", elem_id="p-run")
         with gr.Column(scale=2):
-            status = gr.Markdown("Upload an image or click an example, then press **Propose**.", elem_id="chatrex-p-status")
+            status = gr.Markdown("Upload an image or click an example, then press **Propose**.",
+                                 elem_id="chatrex-p-status")
             image = gr.Image(label="Proposals (index: score)", type="pil", format="png", interactive=False,
                              elem_id="p-image")
             table = gr.Dataframe(headers=["index", "score", "x1", "y1", "x2", "y2"], label="Boxes (xyxy px)",

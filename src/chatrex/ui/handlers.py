@@ -183,7 +183,8 @@ class DemoHandlers:
         scale = render.canvas_scale(session.image.size)
         point = render.click_to_image(evt.index, scale, session.image.size)
         if session.pending is None:
-            session.pending, note = point, f"first corner at ({point[0]:.0f}, {point[1]:.0f}); click the opposite corner"
+            session.pending = point
+            note = f"first corner at ({point[0]:.0f}, {point[1]:.0f}); click the opposite corner"
         else:
             box = render.corners_to_box(session.pending, point)
             session.pending = None
@@ -233,7 +234,8 @@ class DemoHandlers:
             call = partial(self.rex.chat, session.image, question, history, boxes=boxes)
         else:
             call = partial(self.rex.ask, session.image, question, boxes=boxes, history=history)
-        messages = [*session.messages, {"role": "user", "content": escape(question)}, {"role": "assistant", "content": "…"}]
+        messages = [*session.messages, {"role": "user", "content": escape(question)},
+                    {"role": "assistant", "content": "…"}]
         skip = gr.skip()
         yield session, messages, skip, skip, skip, skip, f"Asking with {note}…", skip
         result = None
@@ -248,7 +250,8 @@ class DemoHandlers:
         session.history = [*history, (result.question, result.raw)]
         messages[-1] = {"role": "assistant", "content": escape(result.text or result.raw) or "(empty answer)"}
         session.messages = messages
-        yield (session, messages, *self._answer_outputs(session, result), self._answer_status(result, note, len(session.history)), "")
+        status = self._answer_status(result, note, len(session.history))
+        yield (session, messages, *self._answer_outputs(session, result), status, "")
 
     def _answer_outputs(self, session: ChatSession, result: Any) -> tuple:
         """(highlighted answer, overlay, raw text, phrase rows) of one result."""
