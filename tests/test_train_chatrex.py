@@ -231,3 +231,15 @@ def test_exported_folder_loads_everywhere(model_and_processor, tmp_path):
     pipe = ChatRex.from_pretrained(mllm=folder, dtype=torch.float32, device="cpu")
     result = pipe.detect(T.scene_samples(small_config(), 0, 0)[0].image, ["red circle"], boxes=[[1, 1, 30, 30]])
     assert isinstance(result.raw, str)
+
+
+def test_batch_loss_equals_the_models_own_label_loss(model_and_processor):
+    model, processor = model_and_processor
+    batch = T.encode_samples(processor, T.scene_samples(small_config(), 1, 0))
+    with torch.no_grad():
+        fast = T.batch_loss(model, batch)
+        image, maps = model.encode_images(batch["pixel_values"], batch["pixel_values_aux"])
+        objects = [model.encode_objects(maps, [b])[0] for b in batch["boxes"]]
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                     image_features=image, object_features=objects).loss
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)

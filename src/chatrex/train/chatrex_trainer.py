@@ -70,7 +70,8 @@ class ChatRexTrainConfig(TrainConfigBase):
     (0 = off). bf16: CPU/GPU bf16 autocast. lora: None or {"r", "alpha", "target_modules"} (stage 2).
     task_weights: task name -> sampling weight (`chatrex.data.instructions.ALL_TASKS`). renderer: training
     scenes from the "default" renderer or "randomized" (the default renderer's world with domain
-    randomization: rotations, stretch, colour jitter, more backgrounds; `chatrex.train.upn_augment`). jitter: max GT box
+    randomization: rotations, stretch, colour jitter, more backgrounds; `chatrex.train.upn_augment`).
+    paraphrase_prob: share of scenes whose questions use paraphrased prompts (the rest: canonical). jitter: max GT box
     jitter in px (drawn per scene in [0, jitter]). max_distractors: cap on random distractor boxes
     (None: the data default). ckpt_every / eval_every: steps between checkpoints / quick evaluations
     (0 = off); eval_scenes: held-out scenes per quick evaluation.
@@ -93,6 +94,7 @@ class ChatRexTrainConfig(TrainConfigBase):
     lora: dict | None = None
     task_weights: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))
     renderer: str = "default"
+    paraphrase_prob: float = 1.0
     jitter: float = 3.0
     max_distractors: int | None = None
     seed: int = 0
@@ -241,7 +243,9 @@ def scene_samples(config: ChatRexTrainConfig, step: int, micro: int, split: str 
         from chatrex.train.upn_augment import RANDOMIZED_STYLE as renderer
     scene = sample_scene(split_seed(config.seed, step * config.images_per_step + micro, split), renderer=renderer)
     jitter = float(rng.uniform(0.0, config.jitter)) if config.jitter > 0 else 0.0
-    return make_samples(scene, rng, draw_tasks(config, rng), max_distractors=config.max_distractors, jitter=jitter)
+    paraphrase = bool(rng.random() < config.paraphrase_prob)
+    return make_samples(scene, rng, draw_tasks(config, rng), max_distractors=config.max_distractors, jitter=jitter,
+                        paraphrase=paraphrase)
 
 
 def encode_samples(processor: Any, samples: Sequence[Any]) -> dict[str, Any]:
@@ -324,11 +328,18 @@ def batch_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         objects = [dense_object_features(model, maps, boxes[0])] * len(boxes)
     else:
         objects = [dense_object_features(model, maps, b) for b in boxes]
+    labels = batch["labels"].to(device)
+    # Rows are left padded, so every answer sits at the end of its row (in the merged sequence too):
+    # only the last `keep` positions need logits (the lm_head over the image tokens is wasted work).
+    keep = int((labels != IGNORE_INDEX).sum(1).max()) + 1
     out = model(
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-        labels=batch["labels"].to(device), image_features=image, object_features=objects,
+        image_features=image, object_features=objects, logits_to_keep=keep,
     )
-    return out.loss
+    logits = out.logits[:, :-1].float()  # position t predicts token t + 1
+    target = labels[:, -keep:][:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=IGNORE_INDEX)
 
 
 # ---------------------------------------------------------------------------------------------- LoRA

@@ -2,7 +2,11 @@
 
 Same style as the mllm_tiny fixture's tokenizer (mllm_tiny/README.md §5): `tokenizers` BPE, Metaspace
 pre-tokenizer and decoder (replacement "▁", prepend_scheme "first"), no normalizer, specials <unk>=0,
-<s>=1, </s>=2. The initial alphabet holds every printable ASCII character and the newline, so any
+<s>=1, </s>=2. One change to the fixture's style: after Metaspace, the "▁" is split off as its own token. With plain
+Metaspace a word right after a special token (e.g. "red" in "<ground>red circle</ground>") has no "▁"
+and becomes different ids than the same word in the question ("▁red"); a from-scratch model then has to
+learn that translation for every word before it can copy a category. Isolating "▁" makes both the same
+id, and decoding stays exact ("<ground>red circle</ground>"). The initial alphabet holds every printable ASCII character and the newline, so any
 English text encodes without <unk>. `ensure_special_tokens` then appends <obj0>..<obj99>, <ground>,
 </ground>, <objects>, </objects> (one id each). The result is a `PreTrainedTokenizerFast` that
 `AutoTokenizer.from_pretrained(folder)` reloads offline. Training is deterministic: the same texts in the
@@ -53,7 +57,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) 
     if not texts:
         raise ConfigError("no training text given for the tokenizer")
     tok = Tokenizer(models.BPE(unk_token=UNK, fuse_unk=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    # Metaspace as in the fixture, then "▁" isolated: a word is the same token with or without the space
+    # before it, so "red" in "detect red circle" and in "<ground>red circle</ground>" (no space after a
+    # special token) share one id and answers copy question words exactly (see module docstring).
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+        pre_tokenizers.Split("▁", behavior="isolated"),
+    ])
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     trainer = trainers.BpeTrainer(
         vocab_size=int(vocab_size), special_tokens=list(BASE_SPECIALS), initial_alphabet=ALPHABET + ["▁"],
