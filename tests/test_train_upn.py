@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from chatrex.train.common import lr_lambda, parse_overrides
-from chatrex.train.losses import LossWeights, set_loss, sigmoid_focal_loss
+from chatrex.train.losses import LossWeights, one_to_many_assign, set_loss, sigmoid_focal_loss
 from chatrex.train.matcher import HungarianMatcher, focal_cost
 from chatrex.train.upn_trainer import UPNTrainConfig, build_model, main, make_example, train_upn
 
@@ -71,6 +71,24 @@ def test_set_loss_l1_and_giou_hand_values():
     # A perfect box gives zero box losses.
     perfect = set_loss(logits, boxes, [boxes[0, :1]], indices, 1.0, LossWeights())
     assert perfect["l1"].item() == 0 and perfect["giou"].item() == pytest.approx(0, abs=1e-6)
+
+
+def test_one_to_many_assignment_takes_k_nearest_valid_tokens_per_target():
+    # Tokens 0-2 sit near target 0, tokens 3-4 near target 1, token 5 is on target 0 but invalid.
+    boxes = torch.tensor([[0.20, 0.2, 0.1, 0.1], [0.22, 0.2, 0.1, 0.1], [0.25, 0.2, 0.1, 0.1],
+                          [0.70, 0.7, 0.3, 0.3], [0.72, 0.7, 0.3, 0.3], [0.20, 0.2, 0.1, 0.1]])
+    valid = torch.tensor([True, True, True, True, True, False])
+    targets = torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.3, 0.3]])
+    tok, tgt = one_to_many_assign(torch.zeros(6), boxes, valid, targets, HungarianMatcher(), k=2)
+    assert dict(zip(tok.tolist(), tgt.tolist())) == {0: 0, 1: 0, 3: 1, 4: 1}
+    none = one_to_many_assign(torch.zeros(6), boxes, valid, torch.zeros(0, 4), HungarianMatcher(), k=2)
+    assert none[0].numel() == 0
+
+
+def test_dense_encoder_loss_trains_on_repeated_data(tmp_path):
+    cfg = micro_config(steps=8, batch_size=1, data_repeat=1, lr=2e-3, grad_clip=1.0, enc_dense_k=4)
+    losses = train_upn(cfg, tmp_path / "dense", stream=io.StringIO())["losses"]
+    assert all(math.isfinite(v) for v in losses) and sum(losses[-2:]) < 0.85 * sum(losses[:2])
 
 
 # ------------------------------------------------------------------------------------- common

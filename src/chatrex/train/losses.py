@@ -17,7 +17,8 @@ from torch import Tensor
 from chatrex.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 from chatrex.train.matcher import HungarianMatcher
 
-__all__ = ["LossWeights", "sigmoid_focal_loss", "set_loss", "upn_loss", "encoder_proposals"]
+__all__ = ["LossWeights", "sigmoid_focal_loss", "set_loss", "upn_loss", "encoder_proposals",
+           "dense_encoder_loss", "one_to_many_assign"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class LossWeights:
     l1: float = 5.0
     giou: float = 2.0
     encoder: float = 1.0
+    dense_k: int = 0  # > 0: one-to-many dense loss over ALL encoder tokens, k tokens per target
     alpha: float = 0.25
     gamma: float = 2.0
 
@@ -94,10 +96,15 @@ def upn_loss(output, targets: list[Tensor], matcher: HungarianMatcher,  # noqa: 
     num_boxes = max(float(sum(t.shape[0] for t in targets)), 1.0)
     sets = [(output.per_layer_logits[t].squeeze(-1), output.per_layer_boxes[t], 1.0, f"dec{t}")
             for t in range(output.per_layer_logits.shape[0])]
-    enc_logits, enc_boxes = encoder_proposals(output)
-    sets.append((enc_logits, enc_boxes, weights.encoder, "enc"))
-    total = enc_boxes.new_zeros(())
+    total = output.per_layer_boxes.new_zeros(())
     logs: dict[str, float] = {}
+    if weights.dense_k > 0:
+        enc_part = dense_encoder_loss(output, targets, matcher, weights)
+        total = total + weights.encoder * enc_part
+        logs["enc"] = float(enc_part.detach())
+    else:
+        enc_logits, enc_boxes = encoder_proposals(output)
+        sets.append((enc_logits, enc_boxes, weights.encoder, "enc"))
     for logits, boxes, scale, name in sets:
         indices = matcher(logits.detach(), boxes.detach(), targets)
         terms = set_loss(logits, boxes, targets, indices, num_boxes, weights)
@@ -107,3 +114,57 @@ def upn_loss(output, targets: list[Tensor], matcher: HungarianMatcher,  # noqa: 
     last = f"dec{output.per_layer_logits.shape[0] - 1}"
     logs["last"] = logs[last]
     return total, logs
+
+
+@torch.no_grad()
+def one_to_many_assign(logits: Tensor, boxes: Tensor, valid: Tensor, targets: Tensor,
+                       matcher: HungarianMatcher, k: int) -> tuple[Tensor, Tensor]:
+    """Each target takes its ``k`` cheapest valid tokens (matching cost); a token wanted by several
+    targets goes to the cheapest. logits (S,), boxes (S, 4) cxcywh, valid (S,) bool, targets (T, 4).
+    Returns (token_idx (n,), target_idx (n,))."""
+    cand = torch.nonzero(valid).squeeze(1)
+    if targets.numel() == 0 or cand.numel() == 0:
+        empty = torch.empty(0, dtype=torch.int64, device=logits.device)
+        return empty, empty
+    from chatrex.train.matcher import match_cost
+
+    cost = match_cost(logits[cand], boxes[cand], targets, matcher.w_class, matcher.w_bbox, matcher.w_giou,
+                      matcher.alpha, matcher.gamma)  # (S_valid, T)
+    kk = min(k, cand.numel())
+    chosen = torch.topk(cost, kk, dim=0, largest=False).indices  # (kk, T)
+    mask = torch.zeros_like(cost, dtype=torch.bool)
+    mask.scatter_(0, chosen, True)
+    cost = cost.masked_fill(~mask, float("inf"))
+    best_cost, best_t = cost.min(1)
+    rows = torch.nonzero(torch.isfinite(best_cost)).squeeze(1)
+    return cand[rows], best_t[rows]
+
+
+def dense_encoder_loss(output, targets: list[Tensor], matcher: HungarianMatcher,  # noqa: ANN001 - UPNOutput
+                       weights: LossWeights) -> Tensor:
+    """One-to-many loss on EVERY encoder token (a dense detector's signal, not only the top-K).
+
+    Focal loss over all tokens (positives: ``one_to_many_assign`` with ``weights.dense_k``) plus L1 and
+    GIoU of the positives' boxes ``sigmoid(enc_coords)``, all normalized by the number of positives.
+    Tokens whose anchor is invalid (padding / border, +inf coords) are negatives and never positives.
+    """
+    logits = output.enc_topk_logits.float()  # (B, S) selection score of every token
+    coords = output.encoding.enc_coords  # (B, S, 4) logit space
+    valid = torch.isfinite(output.encoding.proposals).all(-1) & ~output.encoding.mask_flatten
+    boxes = coords.float().sigmoid()
+    labels = torch.zeros_like(logits)
+    srcs, tgts = [], []
+    for b, tgt in enumerate(targets):
+        tok, t_idx = one_to_many_assign(logits[b].detach(), boxes[b].detach(), valid[b], tgt.to(boxes), matcher,
+                                        weights.dense_k)
+        labels[b, tok] = 1.0
+        srcs.append(boxes[b, tok])
+        tgts.append(tgt.to(boxes)[t_idx])
+    num_pos = max(float(labels.sum()), 1.0)
+    focal = sigmoid_focal_loss(logits, labels, weights.alpha, weights.gamma).sum() / num_pos
+    src, tgt = torch.cat(srcs), torch.cat(tgts)
+    if src.shape[0] == 0:
+        return weights.focal * focal
+    l1 = (src - tgt).abs().sum() / num_pos
+    giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
+    return weights.focal * focal + weights.l1 * l1 + weights.giou * (1 - giou).sum() / num_pos
