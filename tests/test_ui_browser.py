@@ -3,7 +3,8 @@
 Two apps: the tiny random UPN + the scripted tiny ChatRex (always answers SCRIPTED_ANSWER, so the page
 logic is checked exactly), and the embedded tiny model (`ChatRex.from_pretrained()`), whose answers
 must name the right shape. Screenshots go to `artifacts/ui/` (override with CHATREX_ARTIFACTS); with
-CHATREX_UPDATE_DOCS=1 the embedded-model screenshot is also copied to docs/ui.png for the README.
+CHATREX_UPDATE_DOCS=1 the embedded-model screenshot is also copied to docs/ui.png for the README
+(CHATREX_UI_MLLM=folder runs that test on another trained ChatRex folder).
 Skips only when playwright or chromium is missing.
 """
 
@@ -247,8 +248,8 @@ def embedded_app(tmp_path_factory, workdir):
     from chatrex.errors import MissingWeightsError
     from chatrex.pipeline import ChatRex
 
-    try:
-        rex = ChatRex.from_pretrained(device="cpu")
+    try:  # CHATREX_UI_MLLM: run this test on another trained model folder (drawn boxes need no UPN)
+        rex = ChatRex.from_pretrained(mllm=os.environ.get("CHATREX_UI_MLLM"), device="cpu")
     except MissingWeightsError as exc:
         pytest.skip(f"the embedded tiny model is not bundled in this build ({exc})")
     with serve(rex, tmp_path_factory.mktemp("ui_tmp_embedded")) as (url, demo):
