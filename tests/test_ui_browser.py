@@ -256,29 +256,52 @@ def embedded_app(tmp_path_factory, workdir):
         yield url, rex
 
 
+def test_embedded_upn_proposes_every_shape(browser, embedded_app):
+    url, rex = embedded_app
+    if rex.upn is None:
+        pytest.skip("this model folder comes without a UPN")
+    example = MANIFEST[2]
+    page = _page(browser, url)
+    load_example(page, "p", 2)
+    page.locator("#p-prompt label", has_text="coarse-grained").click()
+    page.click("#p-run")
+    page.wait_for_selector("#chatrex-p-status:has-text('proposals')")
+    n = int(re.search(r"(\d+) proposals", _status(page, "p")).group(1))
+    rows = [page.locator("#p-table [role=row]").nth(i).inner_text().split() for i in range(1, n + 1)]
+    boxes = [[float(v) for v in row[2:6]] for row in rows]
+    assert len(boxes) == n == int(page.get_attribute("#p-table [role=grid]", "aria-rowcount")) - 1
+    for obj in example["objects"]:  # the shipped UPN's recall bar, seen through the page
+        assert max(_iou(b, obj["box"]) for b in boxes) >= 0.5, (obj, boxes)
+    _shot(page, "proposals_embedded.png")
+    page.close()
+
+
 def test_embedded_model_names_the_drawn_shape_and_finds_a_category(browser, embedded_app):
     url, rex = embedded_app
-    example = MANIFEST[0]
+    example = MANIFEST[2]  # five shapes, no overlaps
     page = _page(browser, url)
     page.get_by_role("tab", name="Chat").click()
-    load_example(page, "c", 0)
+    load_example(page, "c", 2)
     for obj in example["objects"]:
         draw_box(page, obj["box"], example["width"])
-    assert len(drawn_boxes(page)) == len(example["objects"])
+    drawn = drawn_boxes(page)
+    assert len(drawn) == len(example["objects"])
 
-    target = example["objects"][1]
-    ask(page, 1, "Region category", field="<obj1>")
+    k, region = next((k, o) for k, o in enumerate(example["objects"]) if o["shape"] == "triangle")
+    ask(page, 1, "Region category", field=f"<obj{k}>")
     answer = page.input_value("#c-raw textarea")
-    assert target["shape"] in answer, (answer, target)
+    assert region["shape"] in answer, (answer, region)
 
+    target = next(o for o in example["objects"] if o["shape"] == "hexagon")
     status = ask(page, 2, "Grounding (detect categories)", field=target["category"])
     assert "Turn 2 answered" in status, status
-    assert target["category"] in highlighted_phrases(page), page.input_value("#c-raw textarea")
+    raw = page.input_value("#c-raw textarea")
+    assert highlighted_phrases(page) == {target["category"]: _rgba(hex_color(target["category"]))}, raw
     row = page.locator("#c-phrases [role=row]").nth(1).inner_text()
     found = [float(v) for v in re.search(r"\[([\d., ]+)\]", row).group(1).split(",")]
     assert _iou(found, target["box"]) > 0.8, (row, target)
     chat = page.inner_text("#c-chatbot")
-    assert "What is the category name of <obj1>?" in chat and "Please detect" in chat
+    assert f"What is the category name of <obj{k}>?" in chat and "Please detect" in chat
     shot = _shot(page, "chat_embedded.png")
     if os.environ.get("CHATREX_UPDATE_DOCS") == "1":
         shutil.copyfile(shot, REPO / "docs" / "ui.png")
