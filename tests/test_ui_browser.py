@@ -192,7 +192,11 @@ def test_chat_tab_draw_ask_detect_follow_up_and_corrupt_upload(browser, scripted
     page = _page(browser, url)
     page.get_by_role("tab", name="Chat").click()
     load_example(page, "c", 2)
+    page.locator("#c-source label", has_text="UPN coarse-grained").click()  # canvas shows what will be sent
+    page.wait_for_selector("#chatrex-status:has-text('UPN coarse-grained proposals')")
+    assert len(drawn_boxes(page)) == int(re.search(r"(\d+) UPN", _status(page)).group(1))
     draw_box(page, target["box"], example["width"])
+    assert page.is_checked("#c-source input[value=drawn]")  # drawing switches back to drawn boxes
     (box,) = drawn_boxes(page)
     assert all(abs(a - b) <= 1.5 for a, b in zip(box, target["box"])), (box, target["box"])
 
