@@ -22,3 +22,12 @@ def test_convert_missing_folder_is_one_line_error(tmp_path, capsys):
 def test_train_without_choice_prints_usage(capsys):
     assert main(["train"]) == 2
     assert "upn|chatrex" in capsys.readouterr().err
+
+
+def test_data_command_writes_a_coco_set_pycocotools_loads(tmp_path, capsys):
+    from pycocotools.coco import COCO
+
+    assert main(["data", "--out", str(tmp_path / "set"), "-n", "3", "--renderer", "alt"]) == 0
+    coco = COCO(str(tmp_path / "set" / "annotations.json"))
+    assert len(coco.getImgIds()) == 3 and len(coco.getAnnIds()) >= 3
+    assert len(list((tmp_path / "set" / "images").glob("*.png"))) == 3

@@ -189,6 +189,7 @@ DELEGATED: dict[str, tuple[str, str | dict[str, str]]] = {
               {"upn": "chatrex.train.upn_trainer", "chatrex": "chatrex.train.chatrex_trainer"}),
     "eval": ("evaluate a model on a COCO-format set: `chatrex eval upn|chatrex …`",
              {"upn": "chatrex.eval.upn_eval", "chatrex": "chatrex.eval.chatrex_eval"}),
+    "data": ("write a held-out synthetic shapes set in COCO format for `chatrex eval`", "chatrex.data.coco"),
     "demo": ("every task on bundled example scenes with the embedded model; prints answers, writes overlays",
              "chatrex.demo"),
 }
