@@ -30,6 +30,7 @@ class LossWeights:
     giou: float = 2.0
     encoder: float = 1.0
     dense_k: int = 0  # > 0: one-to-many dense loss over ALL encoder tokens, k tokens per target
+    dec_k: int = 1  # > 1: one-to-many decoder matching (Hungarian on targets repeated k times)
     alpha: float = 0.25
     gamma: float = 2.0
 
@@ -106,8 +107,11 @@ def upn_loss(output, targets: list[Tensor], matcher: HungarianMatcher,  # noqa: 
         enc_logits, enc_boxes = encoder_proposals(output)
         sets.append((enc_logits, enc_boxes, weights.encoder, "enc"))
     for logits, boxes, scale, name in sets:
-        indices = matcher(logits.detach(), boxes.detach(), targets)
-        terms = set_loss(logits, boxes, targets, indices, num_boxes, weights)
+        # One-to-many (H-DETR style): every target k times, so Hungarian gives it k distinct queries.
+        k = weights.dec_k if name != "enc" else 1
+        tgts = [t.repeat(k, 1) for t in targets] if k > 1 else targets
+        indices = matcher(logits.detach(), boxes.detach(), tgts)
+        terms = set_loss(logits, boxes, tgts, indices, num_boxes * k, weights)
         part = weights.focal * terms["focal"] + weights.l1 * terms["l1"] + weights.giou * terms["giou"]
         total = total + scale * part
         logs[name] = float(part.detach())

@@ -54,6 +54,8 @@ class UPNTrainConfig(TrainConfigBase):
     size in px (max box side, original image). lr_backbone_scale multiplies lr for the Swin.
     enc_dense_k > 0 replaces the top-K Hungarian loss on the encoder proposals by a dense one-to-many
     loss on every token (each target takes its k cheapest tokens): much faster convergence.
+    dec_match_k > 1 matches every target to k decoder queries (one-to-many; duplicates are left to
+    the predictor's NMS): confident scores early instead of scores split between near-identical queries.
     data_repeat > 0 cycles the data of the first ``data_repeat`` steps (overfitting checks).
     renderer: "default", "alt" or "randomized" (domain randomization, ``chatrex.train.upn_augment``).
     """
@@ -76,6 +78,7 @@ class UPNTrainConfig(TrainConfigBase):
     prior_prob: float = 0.01
     enc_weight: float = 1.0
     enc_dense_k: int = 0
+    dec_match_k: int = 1
     prompts: tuple[str, ...] = ("fine", "coarse")
     min_size: Any = None
     renderer: str = "default"
@@ -245,7 +248,7 @@ def train_upn(config: UPNTrainConfig, out_dir: str | Path, resume: str | Path | 
         seconds = float(state["extra"].get("train_seconds", 0.0))
     prompts = [PROMPTS[p] for p in config.prompts]
     matcher = HungarianMatcher()
-    weights = LossWeights(encoder=config.enc_weight, dense_k=config.enc_dense_k)
+    weights = LossWeights(encoder=config.enc_weight, dense_k=config.enc_dense_k, dec_k=config.dec_match_k)
     bar = ProgressBar(config.steps, desc="upn", stream=stream, every=config.log_every)
     t_start, t_ckpt = time.perf_counter(), time.perf_counter()
     with (out / "losses.jsonl").open("a") as log:
