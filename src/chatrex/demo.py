@@ -1,18 +1,18 @@
 """`chatrex demo`: every task type on bundled example scenes with the embedded model (or yours).
 
-Prints the grounded answers and writes one overlay PNG per task. The example scenes come from the
-synthetic "shapes" world (`chatrex.data.synthetic`, fixed seeds), the world the embedded tiny model was
-trained on; with `--mllm/--upn` the same tasks run on real weights and `--image` files.
+Prints the grounded answers and writes one overlay PNG per task. The example scenes are held-out
+scenes of the synthetic "shapes" world (`chatrex/assets/examples/`), the world the embedded tiny models
+are trained on; with `--mllm/--upn` the same tasks run on real weights and `--image` files.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-EXAMPLE_SEEDS = (7, 21, 42)
 
 
 
@@ -31,15 +31,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def example_scenes() -> list[tuple[str, object, list[str]]]:
-    """(name, PIL image, categories present) for the bundled example scenes."""
-    from chatrex.data.synthetic import sample_scene
+    """(name, PIL image, categories present) for the bundled example scenes (held-out synthetic scenes
+    shipped in `chatrex/assets/examples/`, listed with their objects in examples.json)."""
+    import json
+    from importlib import resources
 
+    from PIL import Image
+
+    folder = resources.files("chatrex").joinpath("assets", "examples")
     scenes = []
-    for seed in EXAMPLE_SEEDS:
-        scene = sample_scene(seed)
-        cats = sorted({obj.category for obj in scene.objects})
-        scenes.append((f"scene{seed}", scene.image, cats))
+    for entry in json.loads(folder.joinpath("examples.json").read_text()):
+        with folder.joinpath(entry["file"]).open("rb") as f:
+            image = Image.open(f).convert("RGB")
+        cats = sorted({obj["category"] for obj in entry["objects"]})
+        scenes.append((Path(entry["file"]).stem, image, cats))
     return scenes
+
+
+def run_proposals(predictor, images, out: Path) -> list[Path]:
+    """UPN fine- and coarse-grained proposals on each image, drawn with their <objK> indices."""
+    from chatrex.viz import draw_proposals
+
+    written: list[Path] = []
+    out.mkdir(parents=True, exist_ok=True)
+    for name, image, _ in images:
+        for prompt in ("fine_grained_prompt", "coarse_grained_prompt"):
+            found = predictor.predict(image, prompt)[0]
+            short = prompt.split("_")[0]
+            print(f"  {name}: {len(found)} {short}-grained proposals "
+                  f"(scores {', '.join(f'{s:.2f}' for s in found.scores[:6])}{', …' if len(found) > 6 else ''})")
+            written.append(_save(draw_proposals(image, found.boxes, found.scores), out / f"{name}_{short}.png"))
+    return written
 
 
 def _print_answer(title: str, result) -> None:
@@ -87,18 +109,35 @@ def _save(image, path: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from chatrex import embedded
+    from chatrex.errors import MissingWeightsError
     from chatrex.images import load_image
-    from chatrex.pipeline import ChatRex
 
     start = time.perf_counter()
-    rex = ChatRex.from_pretrained(mllm=args.mllm, upn=args.upn, device=args.device, dtype=args.dtype,
-                                  upn_config=args.upn_config, max_new_tokens=args.max_new_tokens)
+    out = Path(args.out)
     if args.image:
         images = [(Path(p).stem, load_image(p), []) for p in args.image]
     else:
         images = example_scenes()
-    written = run_demo(rex, images, Path(args.out))
-    print(f"\nwrote {len(written)} overlays to {Path(args.out).resolve()} in {time.perf_counter() - start:.1f} s")
+    if args.mllm is None and embedded.mllm_dir() is None:
+        # This build ships the tiny UPN but not (yet) the tiny ChatRex: show what runs, say what is missing.
+        predictor = embedded.upn_predictor(args.device) if args.upn is None else None
+        if predictor is None:
+            raise MissingWeightsError("this build bundles no embedded model; pass --mllm path/to/ChatRex-7B "
+                                      "--upn path/to/upn_large.pth")
+        embedded.announce()
+        print("chatrex: note: the embedded tiny ChatRex is not bundled in this build yet, so the demo shows "
+              "UPN proposals only; pass --mllm path/to/ChatRex-7B --upn path/to/upn_large.pth for every task",
+              file=sys.stderr)
+        written = run_proposals(predictor, images, out)
+    else:
+        from chatrex.pipeline import ChatRex
+
+        rex = ChatRex.from_pretrained(mllm=args.mllm, upn=args.upn, device=args.device, dtype=args.dtype,
+                                      upn_config=args.upn_config, max_new_tokens=args.max_new_tokens)
+        written = run_proposals(rex.upn, images, out) if rex.upn is not None else []
+        written += run_demo(rex, images, out)
+    print(f"\nwrote {len(written)} overlays to {out.resolve()} in {time.perf_counter() - start:.1f} s")
     return 0
 
 
