@@ -56,6 +56,8 @@ class UPNTrainConfig(TrainConfigBase):
     loss on every token (each target takes its k cheapest tokens): much faster convergence.
     dec_match_k > 1 matches every target to k decoder queries (one-to-many; duplicates are left to
     the predictor's NMS): confident scores early instead of scores split between near-identical queries.
+    init_from: UPN weights to start from (fine-tuning); when this config has fewer queries, the first
+    ``num_queries`` content embeddings are kept (slot i is the i-th best encoder token either way).
     data_repeat > 0 cycles the data of the first ``data_repeat`` steps (overfitting checks).
     renderer: "default", "alt" or "randomized" (domain randomization, ``chatrex.train.upn_augment``).
     """
@@ -79,6 +81,7 @@ class UPNTrainConfig(TrainConfigBase):
     enc_weight: float = 1.0
     enc_dense_k: int = 0
     dec_match_k: int = 1
+    init_from: Any = None
     prompts: tuple[str, ...] = ("fine", "coarse")
     min_size: Any = None
     renderer: str = "default"
@@ -135,7 +138,23 @@ def build_model(config: UPNTrainConfig) -> UPN:
     seed_everything(config.seed)
     model = UPN(config.upn_config())
     init_for_training(model, config.prior_prob)
+    if config.init_from:
+        _warm_start(model, config.init_from)
     return model
+
+
+def _warm_start(model: UPN, path: str | Path) -> None:
+    """Load ``path`` strictly into ``model``, truncating ``transformer.tgt_embed`` to its query count."""
+    from chatrex.upn.checkpoint import read_state_dict
+
+    state = read_state_dict(path)
+    key = "transformer.tgt_embed.weight"
+    if key in state:
+        state[key] = state[key][: model.config.num_queries]
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(f"init_from {path} does not fit this UPN config: missing {result.missing_keys[:5]}, "
+                          f"unexpected {result.unexpected_keys[:5]}")
 
 
 @torch.no_grad()
