@@ -243,3 +243,15 @@ def test_batch_loss_equals_the_models_own_label_loss(model_and_processor):
         full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                      image_features=image, object_features=objects).loss
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+
+
+def test_text_warmup_hides_vision_and_random_new_rows(tokenizer, model_and_processor):
+    model, processor = model_and_processor
+    batch = T.encode_samples(processor, T.scene_samples(small_config(), 2, 0))
+    with torch.no_grad():
+        hidden = T.batch_loss(model, batch, hide_vision=True)
+        shown = T.batch_loss(model, batch)
+    assert torch.isfinite(hidden) and not torch.equal(hidden, shown)
+    fresh = T.build_model(small_config(mean_init_new_tokens=False), tokenizer)
+    rows = fresh.get_input_embeddings().weight[tokenizer.vocab_size:]
+    assert rows.shape[0] == len(tokenizer) - tokenizer.vocab_size and rows.std(0).mean() > 1e-3  # not all equal

@@ -71,7 +71,15 @@ class ChatRexTrainConfig(TrainConfigBase):
     task_weights: task name -> sampling weight (`chatrex.data.instructions.ALL_TASKS`). renderer: training
     scenes from the "default" renderer or "randomized" (the default renderer's world with domain
     randomization: rotations, stretch, colour jitter, more backgrounds; `chatrex.train.upn_augment`).
-    paraphrase_prob: share of scenes whose questions use paraphrased prompts (the rest: canonical). jitter: max GT box
+    paraphrase_prob: share of scenes whose questions use paraphrased prompts (the rest: canonical).
+    embed_init_std: re-draw the input embedding matrix with this std (None: the LLM's own init).
+    mean_init_new_tokens: True = the reference's recipe (model built with the base vocabulary, the 104
+    ChatRex rows added as the mean of the old rows). False = all rows random from the start: in a model
+    trained from scratch the "mean of random rows" is ~0 and identical for all 104 tokens, so <obj0> ..
+    <obj99> start indistinguishable. text_warmup_steps: first steps in which the image / object
+    embeddings are replaced by zeros (the LLM first learns the answer grammar and to copy the question's
+    words; with informative-but-random object features a from-scratch LLM was measured to guess a category
+    present in the image instead of reading the question). jitter: max GT box
     jitter in px (drawn per scene in [0, jitter]). max_distractors: cap on random distractor boxes
     (None: the data default). ckpt_every / eval_every: steps between checkpoints / quick evaluations
     (0 = off); eval_scenes: held-out scenes per quick evaluation.
@@ -94,6 +102,9 @@ class ChatRexTrainConfig(TrainConfigBase):
     lora: dict | None = None
     task_weights: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))
     renderer: str = "default"
+    embed_init_std: float | None = None
+    mean_init_new_tokens: bool = True
+    text_warmup_steps: int = 0
     paraphrase_prob: float = 1.0
     jitter: float = 3.0
     max_distractors: int | None = None
@@ -179,8 +190,12 @@ def build_model(config: ChatRexTrainConfig, tokenizer: Any) -> nn.Module:
     from chatrex.model.modeling import ChatRexForConditionalGeneration
 
     seed_everything(config.seed)
-    base = int(tokenizer.vocab_size)  # rows before the added ChatRex tokens
+    # rows before the added ChatRex tokens (all rows when they are initialised like the rest)
+    base = int(tokenizer.vocab_size) if config.mean_init_new_tokens else len(tokenizer)
     model = ChatRexForConditionalGeneration(build_model_config(config, base))
+    if config.embed_init_std is not None:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, float(config.embed_init_std))
     extend_vocab(model, len(tokenizer))
     return model
 
@@ -318,7 +333,7 @@ def dense_object_features(model: nn.Module, maps: Sequence[torch.Tensor], boxes:
     return projector(features.to(projector[0].weight.dtype))
 
 
-def batch_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+def batch_loss(model: nn.Module, batch: dict[str, Any], hide_vision: bool = False) -> torch.Tensor:
     """Mean next-token loss over the answer tokens of a one-image batch; the image is encoded once,
     and the boxes once when every row has the same box set (the usual case: `make_samples` shares them)."""
     device = model.get_input_embeddings().weight.device
@@ -328,6 +343,8 @@ def batch_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         objects = [dense_object_features(model, maps, boxes[0])] * len(boxes)
     else:
         objects = [dense_object_features(model, maps, b) for b in boxes]
+    if hide_vision:  # text warm-up: the LLM sees zeros where the image / object embeddings go
+        image, objects = image * 0.0, [o * 0.0 for o in objects]
     labels = batch["labels"].to(device)
     # Rows are left padded, so every answer sits at the end of its row (in the merged sequence too):
     # only the last `keep` positions need logits (the lm_head over the image tokens is wasted work).
@@ -440,7 +457,7 @@ def _train_step(model, processor, config, step: int, optimizer, scheduler) -> tu
     for micro in range(config.images_per_step):
         batch = encode_samples(processor, scene_samples(config, step, micro))
         with autocast_context("cpu" if not torch.cuda.is_available() else "cuda", "bf16" if config.bf16 else None):
-            loss = batch_loss(model, batch)
+            loss = batch_loss(model, batch, hide_vision=step < config.text_warmup_steps)
         (loss / config.images_per_step).backward()
         total += float(loss.detach()) / config.images_per_step
         rows += int(batch["input_ids"].shape[0])
