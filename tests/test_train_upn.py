@@ -174,3 +174,16 @@ def test_randomized_training_scenes_are_deterministic_and_boxes_tight():
         assert all(12 <= o.size_px <= 97 for o in a.objects)
         kinds.add(a.background)
     assert len(kinds) >= 4  # default and randomized backgrounds both occur
+
+
+def test_nms_ignore_leaves_near_copies_of_matched_queries_out_of_the_focal_loss():
+    from chatrex.train.losses import _nms_keep_weights
+
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.505, 0.5, 0.2, 0.2], [0.55, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]]])
+    keep = _nms_keep_weights(boxes, [(torch.tensor([0]), torch.tensor([0]))], 0.85)
+    assert keep.tolist() == [[1.0, 0.0, 1.0, 1.0]]  # IoU 0.95 copy ignored; IoU 0.6 neighbour stays negative
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    indices = [(torch.tensor([0]), torch.tensor([0]))]
+    plain = set_loss(logits, boxes, [boxes[0, :1]], indices, 1.0, LossWeights())["focal"]
+    ignored = set_loss(logits, boxes, [boxes[0, :1]], indices, 1.0, LossWeights(nms_ignore=0.85))["focal"]
+    assert ignored.item() == pytest.approx(plain.item() - 0.75 * 0.25 * math.log(2), abs=1e-6)

@@ -31,6 +31,9 @@ class LossWeights:
     encoder: float = 1.0
     dense_k: int = 0  # > 0: one-to-many dense loss over ALL encoder tokens, k tokens per target
     dec_k: int = 1  # > 1: one-to-many decoder matching (Hungarian on targets repeated k times)
+    # > 0: unmatched decoder queries whose box has IoU > nms_ignore with a matched query's box are left
+    # out of the focal loss: the predictor's NMS removes such near-copies, so the model need not.
+    nms_ignore: float = 0.0
     alpha: float = 0.25
     gamma: float = 2.0
 
@@ -62,7 +65,10 @@ def set_loss(logits: Tensor, boxes: Tensor, targets: list[Tensor], indices: list
     batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
     query_idx = torch.cat([q for q, _ in indices])
     labels[batch_idx, query_idx] = 1.0
-    focal = sigmoid_focal_loss(logits, labels, weights.alpha, weights.gamma).sum() / num_boxes
+    focal = sigmoid_focal_loss(logits, labels, weights.alpha, weights.gamma)
+    if weights.nms_ignore > 0:
+        focal = focal * _nms_keep_weights(boxes.detach(), indices, weights.nms_ignore)
+    focal = focal.sum() / num_boxes
     if query_idx.numel() == 0:
         zero = boxes.sum() * 0.0  # keeps the graph connected
         return {"focal": focal, "l1": zero, "giou": zero}
@@ -71,6 +77,21 @@ def set_loss(logits: Tensor, boxes: Tensor, targets: list[Tensor], indices: list
     l1 = (src - tgt).abs().sum() / num_boxes
     giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
     return {"focal": focal, "l1": l1, "giou": (1 - giou).sum() / num_boxes}
+
+
+def _nms_keep_weights(boxes: Tensor, indices: list[tuple[Tensor, Tensor]], iou: float) -> Tensor:
+    """(B, Q) 1.0, or 0.0 for unmatched queries with box IoU > ``iou`` to a matched query's box."""
+    from chatrex.ops.boxes import box_iou
+
+    keep = torch.ones(boxes.shape[:2], dtype=boxes.dtype, device=boxes.device)
+    for b, (q, _) in enumerate(indices):
+        if q.numel() == 0:
+            continue
+        xyxy = box_cxcywh_to_xyxy(boxes[b])
+        near = (box_iou(xyxy, xyxy[q])[0] > iou).any(1)  # (Q,)
+        near[q] = False
+        keep[b, near] = 0.0
+    return keep
 
 
 def encoder_proposals(output) -> tuple[Tensor, Tensor]:  # noqa: ANN001 - a UPNOutput with intermediates

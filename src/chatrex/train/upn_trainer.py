@@ -56,6 +56,8 @@ class UPNTrainConfig(TrainConfigBase):
     loss on every token (each target takes its k cheapest tokens): much faster convergence.
     dec_match_k > 1 matches every target to k decoder queries (one-to-many; duplicates are left to
     the predictor's NMS): confident scores early instead of scores split between near-identical queries.
+    nms_ignore > 0 leaves near-copies (box IoU > nms_ignore) of matched queries out of the focal loss:
+    the predictor's NMS (0.8) removes them, so scores need not be split between them.
     init_from: UPN weights to start from (fine-tuning); when this config has fewer queries, the first
     ``num_queries`` content embeddings are kept (slot i is the i-th best encoder token either way).
     data_repeat > 0 cycles the data of the first ``data_repeat`` steps (overfitting checks).
@@ -81,6 +83,7 @@ class UPNTrainConfig(TrainConfigBase):
     enc_weight: float = 1.0
     enc_dense_k: int = 0
     dec_match_k: int = 1
+    nms_ignore: float = 0.0
     init_from: Any = None
     prompts: tuple[str, ...] = ("fine", "coarse")
     min_size: Any = None
@@ -267,7 +270,8 @@ def train_upn(config: UPNTrainConfig, out_dir: str | Path, resume: str | Path | 
         seconds = float(state["extra"].get("train_seconds", 0.0))
     prompts = [PROMPTS[p] for p in config.prompts]
     matcher = HungarianMatcher()
-    weights = LossWeights(encoder=config.enc_weight, dense_k=config.enc_dense_k, dec_k=config.dec_match_k)
+    weights = LossWeights(encoder=config.enc_weight, dense_k=config.enc_dense_k, dec_k=config.dec_match_k,
+                          nms_ignore=config.nms_ignore)
     bar = ProgressBar(config.steps, desc="upn", stream=stream, every=config.log_every)
     t_start, t_ckpt = time.perf_counter(), time.perf_counter()
     with (out / "losses.jsonl").open("a") as log:
