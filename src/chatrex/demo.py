@@ -121,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         images = example_scenes()
     if args.mllm is None and embedded.mllm_dir() is None:
         # This build ships the tiny UPN but not (yet) the tiny ChatRex: show what runs, say what is missing.
-        predictor = embedded.upn_predictor(args.device) if args.upn is None else None
+        found = embedded.upn() if args.upn is None else None
+        predictor = embedded.upn_predictor(args.device) if found is not None else None
         if predictor is None:
             raise MissingWeightsError("this build bundles no embedded model; pass --mllm path/to/ChatRex-7B "
                                       "--upn path/to/upn_large.pth")
@@ -129,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("chatrex: note: the embedded tiny ChatRex is not bundled in this build yet, so the demo shows "
               "UPN proposals only; pass --mllm path/to/ChatRex-7B --upn path/to/upn_large.pth for every task",
               file=sys.stderr)
+        if found.note:
+            print(f"chatrex: note: embedded UPN: {found.note}", file=sys.stderr)
         written = run_proposals(predictor, images, out)
     else:
         from chatrex.pipeline import ChatRex

@@ -44,6 +44,7 @@ class EmbeddedUPN:
     config: Any  # UPNConfig
     short: int
     max_size: int
+    note: str = ""  # e.g. why this model is preliminary; printed with the notice
 
     @property
     def predictor_options(self) -> dict[str, int]:
@@ -68,7 +69,8 @@ def upn() -> EmbeddedUPN | None:
     from chatrex.upn.config import UPNConfig
 
     meta = json.loads(meta_path.read_text())
-    return EmbeddedUPN(weights, UPNConfig.from_dict(meta["config"]), int(meta["short"]), int(meta["max_size"]))
+    return EmbeddedUPN(weights, UPNConfig.from_dict(meta["config"]), int(meta["short"]), int(meta["max_size"]),
+                       str(meta.get("note", "")))
 
 
 def upn_predictor(device: Any = None):
