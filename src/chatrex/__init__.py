@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 def _register_with_transformers_if_loaded() -> None:
     # The seed's scripts import transformers, then chatrex.*, then load a ChatRex folder through
-    # AutoProcessor / AutoModelForCausalLM(trust_remote_code=True). Registering our native classes
+    # AutoProcessor / AutoModelForCausalLM (with trust_remote_code set). Registering our native classes
     # here makes that work with no remote code. Only when transformers is already loaded, so a plain
     # `import chatrex` stays fast.
     import sys

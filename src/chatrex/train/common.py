@@ -50,7 +50,7 @@ def rng_states() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda_rng"] = torch.cuda.get_rng_state_all()
     return states
 
 
@@ -65,8 +65,8 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
                              float(cached)))
     if "torch" in states:
         torch.set_rng_state(torch.as_tensor(states["torch"], dtype=torch.uint8))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8) for s in states["cuda"]])
+    if "cuda_rng" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8) for s in states["cuda_rng"]])
 
 
 def _rng_to_safe(states: Mapping[str, Any]) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def _rng_to_safe(states: Mapping[str, Any]) -> dict[str, Any]:
         name, keys, pos, has_gauss, cached = states["numpy"]
         out["numpy"] = [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos),
                         int(has_gauss), float(cached)]
-    for key in ("torch", "cuda"):
+    for key in ("torch", "cuda_rng"):
         if key in states:
             out[key] = states[key]
     return out
