@@ -255,3 +255,18 @@ def test_text_warmup_hides_vision_and_random_new_rows(tokenizer, model_and_proce
     fresh = T.build_model(small_config(mean_init_new_tokens=False), tokenizer)
     rows = fresh.get_input_embeddings().weight[tokenizer.vocab_size:]
     assert rows.shape[0] == len(tokenizer) - tokenizer.vocab_size and rows.std(0).mean() > 1e-3  # not all equal
+
+
+def test_curriculum_and_vision_lr_groups(model_and_processor):
+    model, _ = model_and_processor
+    cfg = small_config(curriculum_steps=100, max_distractors=6, vision_lr_scale=0.1)
+    assert T.curriculum(cfg, 0) == (1, 0)
+    assert T.curriculum(cfg, 50) == (5, 3)
+    assert T.curriculum(cfg, 100) == (8, 6)
+    assert all(len(s.boxes) == 1 for s in T.scene_samples(cfg, 0, 0))  # one object, no distractor
+    opt = T.build_optimizer(model, cfg, {"stage": 2, "steps": 1, "lr": 1e-3})
+    vision = {id(p) for n, p in model.named_parameters() if n.startswith(T.VISION_PREFIXES)}
+    for group in opt.param_groups:
+        is_vision = {id(p) in vision for p in group["params"]}
+        assert len(is_vision) == 1
+        assert group["lr"] == pytest.approx(1e-4 if is_vision.pop() else 1e-3)

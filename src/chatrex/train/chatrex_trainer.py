@@ -47,6 +47,7 @@ from chatrex.train.common import (
     seed_everything,
 )
 
+VISION_PREFIXES = ("vision_tower.", "vision_tower_aux.", "mm_projector.", "mm_object_projector.")
 STAGE1_PREFIXES = ("mm_projector.", "mm_object_projector.", "model.embed_tokens.", "lm_head.")
 DEFAULT_TASK_WEIGHTS = {
     "detect": 0.2, "detect_multi": 0.08, "detect_absent": 0.06, "refer": 0.2, "region_category": 0.2,
@@ -79,7 +80,10 @@ class ChatRexTrainConfig(TrainConfigBase):
     <obj99> start indistinguishable. text_warmup_steps: first steps in which the image / object
     embeddings are replaced by zeros (the LLM first learns the answer grammar and to copy the question's
     words; with informative-but-random object features a from-scratch LLM was measured to guess a category
-    present in the image instead of reading the question). jitter: max GT box
+    present in the image instead of reading the question). curriculum_steps: object count / distractor cap
+    grow from one box to the full scene over these steps (`curriculum`). vision_lr_scale: LR factor for the
+    towers and projectors (Adam's random-walk growth of the projectors at the LLM's LR was measured to
+    blow object features up to norm ~200 with little colour information left). jitter: max GT box
     jitter in px (drawn per scene in [0, jitter]). max_distractors: cap on random distractor boxes
     (None: the data default). ckpt_every / eval_every: steps between checkpoints / quick evaluations
     (0 = off); eval_scenes: held-out scenes per quick evaluation.
@@ -105,6 +109,8 @@ class ChatRexTrainConfig(TrainConfigBase):
     embed_init_std: float | None = None
     mean_init_new_tokens: bool = True
     text_warmup_steps: int = 0
+    curriculum_steps: int = 0
+    vision_lr_scale: float = 1.0
     paraphrase_prob: float = 1.0
     jitter: float = 3.0
     max_distractors: int | None = None
@@ -229,14 +235,18 @@ def build_optimizer(model: nn.Module, config: ChatRexTrainConfig, stage: dict) -
     """AdamW over the stage's trainable parameters; no weight decay on norms, biases and embeddings."""
     params = set_trainable(model, int(stage["stage"]))
     ids = {id(p) for p in params}
-    decay, no_decay = [], []
+    lr = float(stage["lr"])
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if id(param) not in ids:
             continue
         plain = param.dim() < 2 or "norm" in name or "embed" in name or "embedding" in name
-        (no_decay if plain else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=float(stage["lr"]), betas=(0.9, 0.98), eps=1e-8)
+        vision = name.startswith(VISION_PREFIXES)
+        buckets.setdefault((plain, vision), []).append(param)
+    groups = [{"params": ps, "weight_decay": 0.0 if plain else config.weight_decay,
+               "lr": lr * (config.vision_lr_scale if vision else 1.0)}
+              for (plain, vision), ps in sorted(buckets.items())]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -256,11 +266,25 @@ def scene_samples(config: ChatRexTrainConfig, step: int, micro: int, split: str 
     renderer: Any = config.renderer
     if renderer == "randomized":
         from chatrex.train.upn_augment import RANDOMIZED_STYLE as renderer
-    scene = sample_scene(split_seed(config.seed, step * config.images_per_step + micro, split), renderer=renderer)
+    most, distractors = curriculum(config, step)
+    scene = sample_scene(split_seed(config.seed, step * config.images_per_step + micro, split), renderer=renderer,
+                         max_objects=most)
     jitter = float(rng.uniform(0.0, config.jitter)) if config.jitter > 0 else 0.0
     paraphrase = bool(rng.random() < config.paraphrase_prob)
-    return make_samples(scene, rng, draw_tasks(config, rng), max_distractors=config.max_distractors, jitter=jitter,
+    return make_samples(scene, rng, draw_tasks(config, rng), max_distractors=distractors, jitter=jitter,
                         paraphrase=paraphrase)
+
+
+def curriculum(config: ChatRexTrainConfig, step: int, full_objects: int = 8) -> tuple[int, int | None]:
+    """(most objects per scene, distractor cap) at `step`: with `curriculum_steps` > 0 both grow linearly
+    from (1, 0) to (full_objects, max_distractors) over those steps. One box first means the model can
+    learn to read an object's colour / shape before it has to bind <objK> indices to features."""
+    if config.curriculum_steps <= 0 or step >= config.curriculum_steps:
+        return full_objects, config.max_distractors
+    frac = step / config.curriculum_steps
+    most = 1 + int(frac * full_objects)
+    cap = config.max_distractors if config.max_distractors is not None else 3 * full_objects + 4
+    return min(most, full_objects), int(frac * cap)
 
 
 def encode_samples(processor: Any, samples: Sequence[Any]) -> dict[str, Any]:
