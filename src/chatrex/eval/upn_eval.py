@@ -6,7 +6,8 @@ Metrics (class-agnostic, boxes xyxy pixels of the original image):
 - ``precision``: fraction of filtered proposals that match a distinct ground-truth object (COCO-style
   greedy one-to-one, so duplicates count as false positives; any gt box, small ones included, may
   absorb a proposal);
-- ``AP`` / ``AP50`` / ``AP75`` / ``AR@100``: pycocotools on the top-100 unfiltered proposals.
+- ``AP`` / ``AP50`` / ``AP75`` / ``AR@100``: pycocotools on the top-100 proposals after the same NMS
+  but without the score threshold (UPN output is always NMS'd; near-copies would count as FPs).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def evaluate_items(predictor, items: Iterable[tuple[Any, torch.Tensor]], prompt_
         acc.add(kept, scores[keep], gt, counted)
         coco_images.append({"id": k + 1, "width": image.width, "height": image.height})
         gt_boxes.append(gt[counted])
-        top = clip_boxes_to_image(boxes[:max_dets], (image.height, image.width))
-        for b, s in zip(box_xyxy_to_xywh(top).tolist(), scores[:max_dets].tolist()):
+        ranked = select_proposals(boxes, scores, 0.0, nms)[:max_dets]  # NMS'd, no score threshold
+        top = clip_boxes_to_image(boxes[ranked], (image.height, image.width))
+        for b, s in zip(box_xyxy_to_xywh(top).tolist(), scores[ranked].tolist()):
             detections.append({"image_id": k + 1, "bbox": b, "score": s, "category_id": 1})
     result: dict[str, Any] = acc.result()
     result.update(coco_ap(coco_dataset(coco_images, gt_boxes), detections, max_dets=max_dets))
