@@ -270,3 +270,85 @@ def test_curriculum_and_vision_lr_groups(model_and_processor):
         is_vision = {id(p) in vision for p in group["params"]}
         assert len(is_vision) == 1
         assert group["lr"] == pytest.approx(1e-4 if is_vision.pop() else 1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- stage 0
+def test_region_targets_follow_the_scene():
+    from chatrex.data.instructions import make_input_boxes
+    from chatrex.data.synthetic import COLOURS, SHAPES, sample_scene, split_seed
+    from chatrex.train.region_pretrain import region_targets
+
+    scene = sample_scene(split_seed(0, 5, "train"))
+    boxes, owners = make_input_boxes(scene, np.random.default_rng(0), jitter=0.0, max_distractors=3)
+    canvas = torch.tensor(boxes, dtype=torch.float32)
+    t = region_targets(scene, owners, canvas, 100.0)
+    for k, obj in enumerate(owners):
+        if obj is None:
+            assert t["colour"][k] == -100 and t["shape"][k] == -100 and t["objectness"][k] == 0
+        else:
+            o = scene.objects[obj]
+            assert (COLOURS[t["colour"][k]], SHAPES[t["shape"][k]]) == (o.colour, o.shape) and t["objectness"][k] == 1
+    x1, y1, x2, y2 = boxes[0]
+    assert torch.allclose(t["geometry"][0], torch.tensor([(x1 + x2) / 200, (y1 + y2) / 200, (x2 - x1) / 100, (y2 - y1) / 100]))
+
+
+def test_stage0_trains_the_vision_side_only_and_learns(tmp_path):
+    cfg = small_config(stages=({"stage": 0, "steps": 30, "lr": 5e-3},), region_images_per_step=2, warmup=2)
+    model = T.build_model(cfg, T.load_or_build_tokenizer(cfg))
+    from chatrex.train.region_pretrain import RegionHead
+
+    head = RegionHead(model.config.text_config.hidden_size)
+    opt = T.build_optimizer(model, cfg, cfg.stages[0], head)
+    trained = {id(p) for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in trained) == name.startswith(T.VISION_PREFIXES), name
+    assert all(id(p) in trained for p in head.parameters())
+    result = T.train_chatrex(cfg, tmp_path, stream=open(tmp_path / "log.txt", "w"))
+    hist = result["history"]
+    assert np.mean(hist[-5:]) < np.mean(hist[:3]) - 0.5, hist
+    assert "region_head" in torch.load(tmp_path / T.CHECKPOINT_NAME, weights_only=True)["extra"]
+
+
+@pytest.mark.parametrize("split", [2, 3])  # inside stage 0 and at the stage-0 -> stage-2 boundary
+def test_resume_with_stage0_and_frozen_towers_equals_straight_run(tmp_path, split):
+    cfg = small_config(stages=({"stage": 0, "steps": 3, "lr": 2e-3}, {"stage": 2, "steps": 2, "lr": 2e-3}),
+                       region_images_per_step=2, frozen_towers=True, ckpt_every=1)
+    straight = T.train_chatrex(cfg, tmp_path / "a", stream=open(tmp_path / "a.log", "w"))
+    T.train_chatrex(cfg, tmp_path / "b", stream=open(tmp_path / "b.log", "w"), max_steps=split)
+    resumed = T.train_chatrex(cfg, tmp_path / "c", resume=tmp_path / "b" / T.CHECKPOINT_NAME,
+                              stream=open(tmp_path / "c.log", "w"))
+    assert resumed["history"] == straight["history"]
+    sa, sc = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_frozen_towers_stay_fixed_in_stage2_and_encode_without_autograd(model_and_processor, tokenizer):
+    cfg = small_config(frozen_towers=True)
+    model = T.build_model(cfg, tokenizer)
+    opt = T.build_optimizer(model, cfg, {"stage": 2, "steps": 1, "lr": 1e-3})
+    trained = {id(p) for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in trained) == (not name.startswith(T.TOWER_PREFIXES)), name
+    low, aux = torch.rand(1, 3, 112, 112), torch.rand(1, 3, 256, 256)
+    image, maps = T.encode_for_training(model, low, aux)
+    ref_image, ref_maps = model.encode_images(low, aux)
+    assert torch.equal(image, ref_image) and all(torch.equal(a, b) for a, b in zip(maps, ref_maps))
+    assert image.requires_grad and not maps[0].requires_grad  # the projector trains, the towers do not
+
+
+def test_text_only_rows_drop_the_image_prefix_and_object_labels(model_and_processor, tokenizer, tmp_path):
+    from chatrex.constants import object_token
+
+    model, processor = model_and_processor
+    cfg = small_config(stages=({"stage": 2, "steps": 3, "lr": 1e-3, "text_only": True},))
+    samples = T.scene_samples(cfg, 0, 0)
+    batch = T.encode_samples(processor, samples, text_only=True)
+    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    assert not (batch["input_ids"] < 0).any()  # no image / object sentinels
+    objects = set(tokenizer.convert_tokens_to_ids([object_token(k) for k in range(100)]))
+    labelled = batch["labels"][batch["labels"] != IGNORE_INDEX].tolist()
+    assert labelled and not objects & set(labelled)
+    loss = T.batch_loss(model, batch)
+    assert torch.isfinite(loss)
+    hist = T.train_chatrex(cfg, tmp_path, stream=open(tmp_path / "log.txt", "w"))["history"]
+    assert len(hist) == 3 and all(np.isfinite(hist))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,8 @@ from torch import nn
 
 from chatrex.errors import ConfigError
 from chatrex.model.constants import IGNORE_INDEX
+from chatrex.train.lora import LoRALinear, apply_lora, merge_lora
+from chatrex.train.region_pretrain import REGION_PREFIXES, RegionHead, category_word_ids, region_loss
 from chatrex.train.common import (
     ProgressBar,
     TrainConfigBase,
@@ -48,6 +49,7 @@ from chatrex.train.common import (
 )
 
 VISION_PREFIXES = ("vision_tower.", "vision_tower_aux.", "mm_projector.", "mm_object_projector.")
+TOWER_PREFIXES = ("vision_tower.", "vision_tower_aux.")
 STAGE1_PREFIXES = ("mm_projector.", "mm_object_projector.", "model.embed_tokens.", "lm_head.")
 DEFAULT_TASK_WEIGHTS = {
     "detect": 0.2, "detect_multi": 0.08, "detect_absent": 0.06, "refer": 0.2, "region_category": 0.2,
@@ -65,7 +67,12 @@ class ChatRexTrainConfig(TrainConfigBase):
     model / model_overrides: a `ChatRexConfig` preset name and keyword overrides (nested dicts replace the
     preset's `text_config` / `vision_config` keys one by one; `vocab_size` is set from the tokenizer).
     tokenizer: a tokenizer folder, or None to train the world tokenizer (`tokenizer_vocab_size`,
-    `tokenizer_scenes` scenes). stages: [{"stage": 1|2, "steps": int, "lr": float}, ...] run in order.
+    `tokenizer_scenes` scenes). stages: [{"stage": 0|1|2, "steps": int, "lr": float}, ...] run in order;
+    stage 0 (`chatrex.train.region_pretrain`) trains the towers + projectors on region probes
+    (colour / shape / objectness / geometry, `region_images_per_step` scenes per step, each with at least
+    `region_min_objects` objects: more labelled boxes per ConvNeXt pass) before any text.
+    frozen_towers: after stage 0, keep CLIP and ConvNeXt frozen in stages 1-2 (they run without autograd,
+    ~3x cheaper steps; the projectors still train at `vision_lr_scale`).
     questions_per_image: rows per micro-batch (one scene); images_per_step: micro-batches accumulated per
     optimizer step. warmup / schedule / min_lr_ratio: per-stage LR schedule. grad_clip: max grad norm
     (0 = off). bf16: CPU/GPU bf16 autocast. lora: None or {"r", "alpha", "target_modules"} (stage 2).
@@ -95,6 +102,9 @@ class ChatRexTrainConfig(TrainConfigBase):
     tokenizer_vocab_size: int = 1000
     tokenizer_scenes: int = 400
     stages: tuple = ({"stage": 1, "steps": 50, "lr": 1e-3}, {"stage": 2, "steps": 500, "lr": 5e-4})
+    region_images_per_step: int = 4
+    region_min_objects: int = 1
+    frozen_towers: bool = False
     questions_per_image: int = 8
     images_per_step: int = 1
     weight_decay: float = 0.01
@@ -125,11 +135,11 @@ class ChatRexTrainConfig(TrainConfigBase):
         if not self.stages:
             raise ConfigError("stages is empty: give at least one {'stage': 1|2, 'steps': N, 'lr': x}")
         for st in self.stages:
-            if not isinstance(st, dict) or st.get("stage") not in (1, 2) or int(st.get("steps", -1)) < 0:
-                raise ConfigError(f"bad stage {st!r}: need {{'stage': 1 or 2, 'steps': >= 0, 'lr': > 0}}")
+            if not isinstance(st, dict) or st.get("stage") not in (0, 1, 2) or int(st.get("steps", -1)) < 0:
+                raise ConfigError(f"bad stage {st!r}: need {{'stage': 0, 1 or 2, 'steps': >= 0, 'lr': > 0}}")
             if float(st.get("lr", 0)) <= 0:
                 raise ConfigError(f"stage {st!r} needs a positive lr")
-        for name in ("questions_per_image", "images_per_step", "threads"):
+        for name in ("questions_per_image", "images_per_step", "threads", "region_images_per_step"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         from chatrex.data.instructions import ALL_TASKS
@@ -217,23 +227,31 @@ def load_or_build_tokenizer(config: ChatRexTrainConfig) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- stages
-def set_trainable(model: nn.Module, stage: int) -> list[nn.Parameter]:
+def set_trainable(model: nn.Module, stage: int, frozen_towers: bool = False) -> list[nn.Parameter]:
     """Freeze / unfreeze for `stage` and return the trainable parameters.
 
-    Stage 1: projectors + full input/output embedding matrices. Stage 2: everything, except the frozen base
-    weights of LoRA-wrapped layers (their adapters train).
+    Stage 0: towers + projectors. Stage 1: projectors + full input/output embedding matrices. Stage 2:
+    everything, except the frozen base weights of LoRA-wrapped layers (their adapters train).
+    `frozen_towers` (stages 1-2) keeps CLIP and ConvNeXt frozen.
     """
     for name, param in model.named_parameters():
-        if stage == 1:
+        if stage == 0:
+            param.requires_grad_(name.startswith(REGION_PREFIXES))
+        elif frozen_towers and name.startswith(TOWER_PREFIXES):
+            param.requires_grad_(False)
+        elif stage == 1:
             param.requires_grad_(name.startswith(STAGE1_PREFIXES))
         else:
             param.requires_grad_(not getattr(param, "_lora_frozen", False))
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def build_optimizer(model: nn.Module, config: ChatRexTrainConfig, stage: dict) -> torch.optim.Optimizer:
-    """AdamW over the stage's trainable parameters; no weight decay on norms, biases and embeddings."""
-    params = set_trainable(model, int(stage["stage"]))
+def build_optimizer(model: nn.Module, config: ChatRexTrainConfig, stage: dict,
+                    head: nn.Module | None = None) -> torch.optim.Optimizer:
+    """AdamW over the stage's trainable parameters (+ the stage-0 `head`); no weight decay on norms, biases
+    and embeddings. Stage 0 trains the vision side at the stage's own LR (`vision_lr_scale` is for 1-2)."""
+    number = int(stage["stage"])
+    params = set_trainable(model, number, config.frozen_towers)
     ids = {id(p) for p in params}
     lr = float(stage["lr"])
     buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
@@ -244,8 +262,10 @@ def build_optimizer(model: nn.Module, config: ChatRexTrainConfig, stage: dict) -
         vision = name.startswith(VISION_PREFIXES)
         buckets.setdefault((plain, vision), []).append(param)
     groups = [{"params": ps, "weight_decay": 0.0 if plain else config.weight_decay,
-               "lr": lr * (config.vision_lr_scale if vision else 1.0)}
+               "lr": lr * (config.vision_lr_scale if vision and number > 0 else 1.0)}
               for (plain, vision), ps in sorted(buckets.items())]
+    if number == 0 and head is not None:
+        groups.append({"params": list(head.parameters()), "weight_decay": config.weight_decay, "lr": lr})
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
 
 
@@ -287,15 +307,18 @@ def curriculum(config: ChatRexTrainConfig, step: int, full_objects: int = 8) -> 
     return min(most, full_objects), int(frac * cap)
 
 
-def encode_samples(processor: Any, samples: Sequence[Any]) -> dict[str, Any]:
+def encode_samples(processor: Any, samples: Sequence[Any], text_only: bool = False) -> dict[str, Any]:
     """Samples about ONE image -> one left-padded training batch.
 
     Returns input_ids / labels / attention_mask (B, L) (labels = IGNORE_INDEX except answer + EOS),
     pixel_values (1, 3, low, low), pixel_values_aux (1, 3, high, high), and `boxes`: B canvas-xyxy
-    float32 tensors (K_b, 4).
+    float32 tensors (K_b, 4). text_only: rows are the chat-wrapped question without the image / object
+    prefix, <objK> answer tokens unlabelled (nothing to bind them to), no pixel values or boxes.
     """
     if not samples:
         raise ValueError("no samples to encode")
+    if text_only:
+        return _text_rows(processor, samples)
     low, aux, size = processor.preprocess_image(samples[0].image)
     tok = processor.tokenizer
     rows, boxes = [], []
@@ -307,17 +330,34 @@ def encode_samples(processor: Any, samples: Sequence[Any]) -> dict[str, Any]:
         answer = [int(i) for i in tok.encode(s.answer, add_special_tokens=False)] + [int(tok.eos_token_id)]
         rows.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
         boxes.append(canvas)
+    return {**_left_pad(rows, processor.pad_token_id), "pixel_values": low, "pixel_values_aux": aux, "boxes": boxes}
+
+
+def _text_rows(processor: Any, samples: Sequence[Any]) -> dict[str, Any]:
+    from chatrex.constants import MAX_OBJECTS, object_token
+    from chatrex.model.templates import apply_chat_template, clean_question
+
+    tok = processor.tokenizer
+    objects = set(tok.convert_tokens_to_ids([object_token(k) for k in range(MAX_OBJECTS)]))
+    rows = []
+    for s in samples:
+        prompt = processor.tokenize(apply_chat_template(clean_question(s.question), processor.config.chat_template,
+                                                        eos_text=processor.eos_text))
+        answer = [int(i) for i in tok.encode(s.answer, add_special_tokens=False)] + [int(tok.eos_token_id)]
+        rows.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + [IGNORE_INDEX if i in objects else i for i in answer]))
+    return _left_pad(rows, processor.pad_token_id)
+
+
+def _left_pad(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     length = max(len(ids) for ids, _ in rows)
-    batch = len(rows)
-    input_ids = torch.full((batch, length), processor.pad_token_id, dtype=torch.long)
-    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((batch, length), dtype=torch.long)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
     for b, (ids, lab) in enumerate(rows):
         input_ids[b, length - len(ids):] = torch.tensor(ids)
         labels[b, length - len(ids):] = torch.tensor(lab)
         mask[b, length - len(ids):] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "pixel_values": low,
-            "pixel_values_aux": aux, "boxes": boxes}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
 def dense_object_features(model: nn.Module, maps: Sequence[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
@@ -357,17 +397,35 @@ def dense_object_features(model: nn.Module, maps: Sequence[torch.Tensor], boxes:
     return projector(features.to(projector[0].weight.dtype))
 
 
+def encode_for_training(model: nn.Module, pixel_values: torch.Tensor, pixel_values_aux: torch.Tensor
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`model.encode_images`, with the CLIP / ConvNeXt towers run without autograd when both are frozen
+    (`frozen_towers`): same numbers, no activation graph kept for them; the projector still trains."""
+    from chatrex.model.modeling import fuse_image_features
+
+    towers = (model.vision_tower, model.vision_tower_aux)
+    if any(p.requires_grad for tower in towers for p in tower.parameters()):
+        return model.encode_images(pixel_values, pixel_values_aux)
+    with torch.no_grad():
+        clip = model.vision_tower(pixel_values)
+        maps = model.encode_highres(pixel_values_aux)
+        fused = fuse_image_features(clip, maps[-1])
+    return model.mm_projector(fused.to(model.mm_projector[0].weight.dtype)), maps
+
+
 def batch_loss(model: nn.Module, batch: dict[str, Any], hide_vision: bool = False) -> torch.Tensor:
     """Mean next-token loss over the answer tokens of a one-image batch; the image is encoded once,
     and the boxes once when every row has the same box set (the usual case: `make_samples` shares them)."""
     device = model.get_input_embeddings().weight.device
-    image, maps = model.encode_images(batch["pixel_values"].to(device), batch["pixel_values_aux"].to(device))
-    boxes = [b.to(device) for b in batch["boxes"]]
-    if all(b.shape == boxes[0].shape and torch.equal(b, boxes[0]) for b in boxes):
-        objects = [dense_object_features(model, maps, boxes[0])] * len(boxes)
-    else:
-        objects = [dense_object_features(model, maps, b) for b in boxes]
-    if hide_vision:  # text warm-up: the LLM sees zeros where the image / object embeddings go
+    image, objects = None, None
+    if "pixel_values" in batch:  # else a text-only batch (`encode_samples(text_only=True)`)
+        image, maps = encode_for_training(model, batch["pixel_values"].to(device), batch["pixel_values_aux"].to(device))
+        boxes = [b.to(device) for b in batch["boxes"]]
+        if all(b.shape == boxes[0].shape and torch.equal(b, boxes[0]) for b in boxes):
+            objects = [dense_object_features(model, maps, boxes[0])] * len(boxes)
+        else:
+            objects = [dense_object_features(model, maps, b) for b in boxes]
+    if hide_vision and image is not None:  # text warm-up: the LLM sees zeros where the image / object embeddings go
         image, objects = image * 0.0, [o * 0.0 for o in objects]
     labels = batch["labels"].to(device)
     # Rows are left padded, so every answer sits at the end of its row (in the merged sequence too):
@@ -381,59 +439,6 @@ def batch_loss(model: nn.Module, batch: dict[str, Any], hide_vision: bool = Fals
     target = labels[:, -keep:][:, 1:]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                              ignore_index=IGNORE_INDEX)
-
-
-# ---------------------------------------------------------------------------------------------- LoRA
-class LoRALinear(nn.Module):
-    """`base(x) + (alpha / r) * B(A(x))` with the base Linear frozen; B starts at zero (identity at init)."""
-
-    def __init__(self, base: nn.Linear, r: int, alpha: float) -> None:
-        super().__init__()
-        self.base = base
-        self.base.weight._lora_frozen = True  # set_trainable keeps it frozen in stage 2
-        if self.base.bias is not None:
-            self.base.bias._lora_frozen = True
-        self.lora_a = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-        self.scale = float(alpha) / float(r)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
-
-    def merged(self) -> nn.Linear:
-        """A plain Linear with the adapter folded into its weight (for export)."""
-        with torch.no_grad():
-            self.base.weight += (self.lora_b @ self.lora_a) * self.scale
-        del self.base.weight._lora_frozen
-        return self.base
-
-
-def apply_lora(model: nn.Module, r: int, alpha: float, target_modules: Sequence[str]) -> int:
-    """Wrap the LLM's (`model.model`) Linear layers whose name ends with one of `target_modules`.
-
-    A minimal built-in LoRA (no extra dependency); `merge_lora` folds it back before export.
-    Returns how many layers were wrapped (ConfigError when none matched).
-    """
-    llm = model.get_decoder()
-    targets = [(name, mod) for name, mod in llm.named_modules()
-               if isinstance(mod, nn.Linear) and name.split(".")[-1] in set(target_modules)]
-    if not targets:
-        raise ConfigError(f"lora.target_modules {list(target_modules)} matched no Linear layer of the LLM "
-                          "(Llama/Qwen2 names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
-    for name, mod in targets:
-        parent = llm.get_submodule(name.rsplit(".", 1)[0]) if "." in name else llm
-        setattr(parent, name.split(".")[-1], LoRALinear(mod, int(r), float(alpha)))
-    return len(targets)
-
-
-def merge_lora(model: nn.Module) -> int:
-    """Replace every `LoRALinear` by its merged Linear (in place); returns how many were merged."""
-    wrapped = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, LoRALinear)]
-    for name, mod in wrapped:
-        parent = model.get_submodule(name.rsplit(".", 1)[0])
-        setattr(parent, name.split(".")[-1], mod.merged())
-    return len(wrapped)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -466,20 +471,55 @@ def _checkpoint_meta(path: Path) -> dict[str, Any]:
     return {"step": int(state.get("step", 0)), "extra": state.get("extra", {}) or {}}
 
 
-def _new_stage(model: nn.Module, config: ChatRexTrainConfig, stage: dict) -> tuple[Any, Any]:
+def _new_stage(model: nn.Module, config: ChatRexTrainConfig, stage: dict, head: nn.Module | None = None
+               ) -> tuple[Any, Any]:
     steps = int(stage["steps"])
-    optimizer = build_optimizer(model, config, stage)
+    optimizer = build_optimizer(model, config, stage, head)
     warmup = min(int(config.warmup), max(steps // 4, 1))
     scheduler = build_scheduler(optimizer, steps, warmup, config.schedule, config.min_lr_ratio)
     return optimizer, scheduler
 
 
-def _train_step(model, processor, config, step: int, optimizer, scheduler) -> tuple[float, int]:
+def region_scene(config: ChatRexTrainConfig, step: int, micro: int) -> tuple[Any, np.random.Generator]:
+    """Scene + rng of stage-0 micro-batch `micro` of step `step` (deterministic; its own seed stream)."""
+    from chatrex.data.synthetic import sample_scene, split_seed
+
+    renderer: Any = config.renderer
+    if renderer == "randomized":
+        from chatrex.train.upn_augment import RANDOMIZED_STYLE as renderer
+    rng = np.random.default_rng([config.seed, 7, step, micro])
+    index = step * config.region_images_per_step + micro
+    scene = sample_scene(split_seed(config.seed + 7, index, "train"), renderer=renderer,
+                         min_objects=config.region_min_objects)
+    return scene, rng
+
+
+def _region_step(model, head, processor, config, step: int, optimizer, scheduler) -> tuple[float, int]:
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    total, n = 0.0, config.region_images_per_step
+    for micro in range(n):
+        scene, rng = region_scene(config, step, micro)
+        with autocast_context("cpu" if not torch.cuda.is_available() else "cuda", "bf16" if config.bf16 else None):
+            loss, _ = region_loss(model, head, processor, scene, rng, config.jitter, config.max_distractors)
+        (loss / n).backward()
+        total += float(loss.detach()) / n
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return total, n
+
+
+def _train_step(model, processor, config, step: int, optimizer, scheduler, head=None) -> tuple[float, int]:
+    stage = config.stage_at(step)[2]
+    if head is not None:
+        return _region_step(model, head, processor, config, step, optimizer, scheduler)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total, rows = 0.0, 0
     for micro in range(config.images_per_step):
-        batch = encode_samples(processor, scene_samples(config, step, micro))
+        batch = encode_samples(processor, scene_samples(config, step, micro), text_only=bool(stage.get("text_only")))
         with autocast_context("cpu" if not torch.cuda.is_available() else "cuda", "bf16" if config.bf16 else None):
             loss = batch_loss(model, batch, hide_vision=step < config.text_warmup_steps)
         (loss / config.images_per_step).backward()
@@ -514,13 +554,19 @@ def train_chatrex(config: ChatRexTrainConfig, out_dir: str | Path, resume: str |
         targets = config.lora.get("target_modules", ("q_proj", "k_proj", "v_proj", "o_proj"))
         apply_lora(model, int(config.lora["r"]), float(config.lora.get("alpha", 2 * int(config.lora["r"]))), targets)
     processor = ChatRexProcessor(tokenizer, model.config)
+    # stage-0 probes (training-only state, seeded after the model so the model's init does not depend on it)
+    head = None
+    if any(int(st["stage"]) == 0 for st in config.stages):
+        head = RegionHead(model.config.text_config.hidden_size, *category_word_ids(tokenizer))
     total = config.total_steps if max_steps is None else min(config.total_steps, int(max_steps))
     start, history, optimizer, scheduler, current = 0, [], None, None, -1
     if resume is not None:
         meta = _checkpoint_meta(Path(resume))
         start = meta["step"]
         current = config.stage_at(start)[0] if start < config.total_steps else len(config.stages) - 1
-        optimizer, scheduler = _new_stage(model, config, config.stages[current])
+        if head is not None and meta["extra"].get("region_head"):
+            head.load_state_dict(meta["extra"]["region_head"])
+        optimizer, scheduler = _new_stage(model, config, config.stages[current], head)
         same = int(meta["extra"].get("stage_index", -1)) == current
         load_checkpoint(resume, model, optimizer if same else None, scheduler if same else None)
         history = list(meta["extra"].get("history", []))
@@ -529,13 +575,14 @@ def train_chatrex(config: ChatRexTrainConfig, out_dir: str | Path, resume: str |
     for step in range(start, total):
         index, _, stage = config.stage_at(step)
         if index != current:
-            optimizer, scheduler, current = *_new_stage(model, config, stage), index
-        loss, rows = _train_step(model, processor, config, step, optimizer, scheduler)
+            optimizer, scheduler, current = *_new_stage(model, config, stage, head), index
+        stage_head = head if int(stage["stage"]) == 0 else None
+        loss, rows = _train_step(model, processor, config, step, optimizer, scheduler, stage_head)
         history.append(loss)
         bar.update(step + 1, loss=loss, samples=rows, stage=int(stage["stage"]), lr=scheduler.get_last_lr()[0])
         done = step + 1
         if (config.ckpt_every and done % config.ckpt_every == 0) or done == total:
-            _save(out, model, processor, optimizer, scheduler, done, current, history, config)
+            _save(out, model, processor, optimizer, scheduler, done, current, history, config, head)
         if config.eval_every and done % config.eval_every == 0:
             _quick_eval(model, processor, config, done, stream)
     bar.close()
@@ -544,8 +591,11 @@ def train_chatrex(config: ChatRexTrainConfig, out_dir: str | Path, resume: str |
             "processor": processor}
 
 
-def _save(out: Path, model, processor, optimizer, scheduler, step: int, stage_index: int, history, config) -> None:
+def _save(out: Path, model, processor, optimizer, scheduler, step: int, stage_index: int, history, config,
+          head: nn.Module | None = None) -> None:
     extra = {"stage_index": int(stage_index), "history": [float(h) for h in history], "config": json.dumps(config.to_dict())}
+    if head is not None:
+        extra["region_head"] = head.state_dict()
     save_checkpoint(out / CHECKPOINT_NAME, model, optimizer, scheduler, step=step, extra=extra)
     export_model(model, processor, out / MODEL_DIR)
 
