@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: install browser test demo bench clean
+.PHONY: install browser test demo bench tiny-model clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,13 @@ test: $(VENV)/.installed browser
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/chatrex demo --out $(or $(OUT),.)
+
+# Re-train both embedded tiny models from scratch (2 CPU threads each; see configs/) and install them as
+# package data with held-out scores (chatrex.train.ship). Runs the two trainings one after the other.
+tiny-model: $(VENV)/.installed
+	$(VENV)/bin/chatrex train upn --config configs/train_upn_tiny.json --out build/tiny_upn --threads 2
+	$(VENV)/bin/chatrex train chatrex --config configs/train_chatrex_tiny.json --out build/tiny_chatrex --threads 2
+	$(PY) -m chatrex.train.ship --upn build/tiny_upn --chatrex build/tiny_chatrex
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/upn_bench.py

@@ -352,3 +352,39 @@ def test_text_only_rows_drop_the_image_prefix_and_object_labels(model_and_proces
     assert torch.isfinite(loss)
     hist = T.train_chatrex(cfg, tmp_path, stream=open(tmp_path / "log.txt", "w"))["history"]
     assert len(hist) == 3 and all(np.isfinite(hist))
+
+
+def test_ship_writes_a_bf16_folder_with_training_metadata(tmp_path):
+    from chatrex.model.loading import load_chatrex
+    from chatrex.train.ship import ship_chatrex
+
+    cfg = small_config(stages=({"stage": 2, "steps": 2, "lr": 1e-3},))
+    result = T.train_chatrex(cfg, tmp_path / "run", stream=open(tmp_path / "log.txt", "w"))
+    meta = ship_chatrex(tmp_path / "run", tmp_path / "assets", eval_scenes=1)
+    folder = tmp_path / "assets" / "tiny_chatrex"
+    assert meta["trained_steps"] == 2 and meta["train_seconds"] > 0 and meta["train_config"]["seed"] == cfg.seed
+    assert set(meta["eval"]) == {"scenes", "seed", "default", "alt"}
+    assert json.loads((folder / "training.json").read_text()) == meta
+    model, _ = load_chatrex(folder, device="cpu")
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    trained = result["model"].state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, trained[key].to(torch.bfloat16)), key
+
+
+def test_stage_task_weights_replace_the_global_table():
+    cfg = small_config(stages=({"stage": 2, "steps": 2, "lr": 1e-3},
+                               {"stage": 2, "steps": 2, "lr": 1e-3, "task_weights": {"caption_brief": 1.0}}))
+    assert {s.task for s in T.scene_samples(cfg, 2, 0)} == {"caption_brief"}
+    assert {s.task for s in T.scene_samples(cfg, 0, 0)} != {"caption_brief"}
+    with pytest.raises(T.ConfigError):
+        small_config(stages=({"stage": 2, "steps": 1, "lr": 1e-3, "task_weights": {"nope": 1.0}},)).validate()
+
+
+def test_the_tiny_model_recipe_parses_and_validates():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "train_chatrex_tiny.json"
+    cfg = T.ChatRexTrainConfig.from_json(str(path), [])
+    cfg.validate()
+    assert [int(st["stage"]) for st in cfg.stages][0] == 0 and cfg.frozen_towers

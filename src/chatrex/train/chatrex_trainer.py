@@ -67,7 +67,8 @@ class ChatRexTrainConfig(TrainConfigBase):
     model / model_overrides: a `ChatRexConfig` preset name and keyword overrides (nested dicts replace the
     preset's `text_config` / `vision_config` keys one by one; `vocab_size` is set from the tokenizer).
     tokenizer: a tokenizer folder, or None to train the world tokenizer (`tokenizer_vocab_size`,
-    `tokenizer_scenes` scenes). stages: [{"stage": 0|1|2, "steps": int, "lr": float}, ...] run in order;
+    `tokenizer_scenes` scenes). stages: [{"stage": 0|1|2, "steps": int, "lr": float}, ...] run in order
+    (optional per stage: "text_only": true, "task_weights": {...} replacing the config's for that stage);
     stage 0 (`chatrex.train.region_pretrain`) trains the towers + projectors on region probes
     (colour / shape / objectness / geometry, `region_images_per_step` scenes per step, each with at least
     `region_min_objects` objects: more labelled boxes per ConvNeXt pass) before any text.
@@ -144,9 +145,10 @@ class ChatRexTrainConfig(TrainConfigBase):
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         from chatrex.data.instructions import ALL_TASKS
 
-        unknown = sorted(set(self.task_weights) - set(ALL_TASKS))
-        if unknown or not any(float(w) > 0 for w in self.task_weights.values()):
-            raise ConfigError(f"task_weights: unknown tasks {unknown} or no positive weight; tasks: {ALL_TASKS}")
+        for table in [self.task_weights] + [st["task_weights"] for st in self.stages if "task_weights" in st]:
+            unknown = sorted(set(table) - set(ALL_TASKS))
+            if unknown or not any(float(w) > 0 for w in table.values()):
+                raise ConfigError(f"task_weights: unknown tasks {unknown} or no positive weight; tasks: {ALL_TASKS}")
         if self.renderer not in ("default", "randomized"):
             raise ConfigError(f"renderer must be 'default' or 'randomized', got {self.renderer!r}")
         if self.lora is not None and int(self.lora.get("r", 0)) < 1:
@@ -270,9 +272,11 @@ def build_optimizer(model: nn.Module, config: ChatRexTrainConfig, stage: dict,
 
 
 # ---------------------------------------------------------------------------------------------- data
-def draw_tasks(config: ChatRexTrainConfig, rng: np.random.Generator) -> list[str]:
-    names = sorted(config.task_weights)
-    weights = np.array([float(config.task_weights[n]) for n in names], dtype=np.float64)
+def draw_tasks(config: ChatRexTrainConfig, rng: np.random.Generator, task_weights: dict | None = None) -> list[str]:
+    """`questions_per_image` task names drawn with `task_weights` (default: the config's)."""
+    table = config.task_weights if task_weights is None else task_weights
+    names = sorted(table)
+    weights = np.array([float(table[n]) for n in names], dtype=np.float64)
     picks = rng.choice(len(names), size=config.questions_per_image, p=weights / weights.sum())
     return [names[i] for i in picks]
 
@@ -291,7 +295,8 @@ def scene_samples(config: ChatRexTrainConfig, step: int, micro: int, split: str 
                          max_objects=most)
     jitter = float(rng.uniform(0.0, config.jitter)) if config.jitter > 0 else 0.0
     paraphrase = bool(rng.random() < config.paraphrase_prob)
-    return make_samples(scene, rng, draw_tasks(config, rng), max_distractors=distractors, jitter=jitter,
+    tasks = draw_tasks(config, rng, config.stage_at(step)[2].get("task_weights"))
+    return make_samples(scene, rng, tasks, max_distractors=distractors, jitter=jitter,
                         paraphrase=paraphrase)
 
 
@@ -559,7 +564,7 @@ def train_chatrex(config: ChatRexTrainConfig, out_dir: str | Path, resume: str |
     if any(int(st["stage"]) == 0 for st in config.stages):
         head = RegionHead(model.config.text_config.hidden_size, *category_word_ids(tokenizer))
     total = config.total_steps if max_steps is None else min(config.total_steps, int(max_steps))
-    start, history, optimizer, scheduler, current = 0, [], None, None, -1
+    start, history, optimizer, scheduler, current, spent = 0, [], None, None, -1, 0.0
     if resume is not None:
         meta = _checkpoint_meta(Path(resume))
         start = meta["step"]
@@ -570,6 +575,7 @@ def train_chatrex(config: ChatRexTrainConfig, out_dir: str | Path, resume: str |
         same = int(meta["extra"].get("stage_index", -1)) == current
         load_checkpoint(resume, model, optimizer if same else None, scheduler if same else None)
         history = list(meta["extra"].get("history", []))
+        spent = float(meta["extra"].get("seconds", 0.0))
     bar = ProgressBar(total, desc="chatrex", stream=stream, every=config.log_every)
     started = time.perf_counter()
     for step in range(start, total):
@@ -582,7 +588,8 @@ def train_chatrex(config: ChatRexTrainConfig, out_dir: str | Path, resume: str |
         bar.update(step + 1, loss=loss, samples=rows, stage=int(stage["stage"]), lr=scheduler.get_last_lr()[0])
         done = step + 1
         if (config.ckpt_every and done % config.ckpt_every == 0) or done == total:
-            _save(out, model, processor, optimizer, scheduler, done, current, history, config, head)
+            seconds = spent + time.perf_counter() - started
+            _save(out, model, processor, optimizer, scheduler, done, current, history, config, head, seconds)
         if config.eval_every and done % config.eval_every == 0:
             _quick_eval(model, processor, config, done, stream)
     bar.close()
@@ -592,8 +599,9 @@ def train_chatrex(config: ChatRexTrainConfig, out_dir: str | Path, resume: str |
 
 
 def _save(out: Path, model, processor, optimizer, scheduler, step: int, stage_index: int, history, config,
-          head: nn.Module | None = None) -> None:
-    extra = {"stage_index": int(stage_index), "history": [float(h) for h in history], "config": json.dumps(config.to_dict())}
+          head: nn.Module | None = None, seconds: float = 0.0) -> None:
+    extra = {"stage_index": int(stage_index), "history": [float(h) for h in history], "config": json.dumps(config.to_dict()),
+             "seconds": float(seconds)}  # wall clock of all runs so far (resumes add up)
     if head is not None:
         extra["region_head"] = head.state_dict()
     save_checkpoint(out / CHECKPOINT_NAME, model, optimizer, scheduler, step=step, extra=extra)
