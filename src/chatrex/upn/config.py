@@ -25,7 +25,9 @@ class UPNConfig:
     Transformer: ``d_model``, ``d_ffn``, ``n_heads``, ``n_levels`` (feature levels fed to the
     encoder: the last ``min(n_levels, stages)`` Swin stages plus stride-2 convs for the rest),
     ``n_points`` (sampling points per head and level), ``enc_layers``, ``dec_layers``,
-    ``num_queries``, ``gn_groups`` (GroupNorm groups in the input projections).
+    ``num_queries``, ``gn_groups`` (GroupNorm groups in the input projections), ``query_nms`` (0: the
+    reference top-k selection; > 0: the two-stage selection skips tokens whose proposal box overlaps a
+    better one by IoU > query_nms, see ``chatrex.upn.transformer.distinct_topk``).
     """
 
     embed_dim: int = 192
@@ -43,6 +45,7 @@ class UPNConfig:
     patch_size: int = 4
     mlp_ratio: float = 4.0
     gn_groups: int = 32
+    query_nms: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("depths", "num_heads"):
@@ -74,6 +77,8 @@ class UPNConfig:
             raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.d_model % 2:
             raise ConfigError(f"d_model={self.d_model} must be even (half the channels encode y, half x)")
+        if not 0.0 <= float(self.query_nms) < 1.0:
+            raise ConfigError(f"UPNConfig.query_nms must be in [0, 1), got {self.query_nms!r}")
         if self.d_model % self.gn_groups:
             raise ConfigError(f"d_model={self.d_model} must be divisible by gn_groups={self.gn_groups}")
         if not self.mlp_ratio > 0:

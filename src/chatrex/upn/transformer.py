@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from chatrex.ops.boxes import box_cxcywh_to_xyxy, nms
 from chatrex.ops.msda import MultiScaleDeformableAttention
 from chatrex.ops.position import box_sine_embedding
 from chatrex.upn.config import UPNConfig
@@ -213,6 +214,7 @@ class DeformableTransformer(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.num_queries = cfg.num_queries
+        self.query_nms = float(cfg.query_nms)
         self.level_embed = nn.Parameter(torch.empty(cfg.n_levels, d))
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
@@ -264,7 +266,8 @@ class DeformableTransformer(nn.Module):
 
     def select(self, output_memory: Tensor, enc_coords: Tensor, prompt: Tensor,
                topk_indices: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Score every token by `prompt` and keep the top min(num_queries, S) (torch.topk, sorted).
+        """Score every token by `prompt` and keep the top min(num_queries, S) (torch.topk, sorted); with
+        ``query_nms`` > 0 the distinct tokens first (:func:`distinct_topk`).
 
         topk_indices (B, K) int64, K <= num_queries, replaces the computed selection when given
         (parity/debugging: near-ties make the order fragile). Returns (enc_logits (B, S),
@@ -273,7 +276,10 @@ class DeformableTransformer(nn.Module):
         enc_logits = (output_memory @ prompt[:, None]).squeeze(-1)  # (B, S); one prompt → max is a no-op
         if topk_indices is None:
             k = min(self.num_queries, enc_logits.shape[1])
-            topk_indices = torch.topk(enc_logits, k, dim=1)[1]
+            if self.query_nms > 0:
+                topk_indices = distinct_topk(enc_logits, enc_coords, k, self.query_nms)
+            else:
+                topk_indices = torch.topk(enc_logits, k, dim=1)[1]
         elif topk_indices.dim() != 2 or topk_indices.shape[1] > self.num_queries:
             raise ValueError(f"topk_indices must be (B, K) with K <= {self.num_queries}, "
                              f"got {tuple(topk_indices.shape)}")
@@ -284,3 +290,33 @@ class DeformableTransformer(nn.Module):
     def content_queries(self, batch_size: int, k: int) -> Tensor:
         """(B, K, C): the first K learned content embeddings, identical for every image."""
         return self.tgt_embed.weight[:k].unsqueeze(0).expand(batch_size, -1, -1)
+
+
+@torch.no_grad()
+def distinct_topk(logits: Tensor, coords: Tensor, k: int, iou_threshold: float, pool_factor: int = 4) -> Tensor:
+    """Top-k token selection that skips near-copies (``UPNConfig.query_nms`` > 0).
+
+    Of the ``pool_factor · k`` best tokens, a greedy NMS at ``iou_threshold`` over their proposal boxes
+    (``sigmoid(coords)``) keeps the distinct ones, best first; the suppressed (and invalid, non-finite)
+    tokens follow by score to fill the k slots. logits (B, S); coords (B, S, 4) logit-space cxcywh.
+    Returns (B, k) int64. Distinct starting boxes let the decoder spend its queries on distinct objects
+    instead of having to learn to silence duplicates.
+    """
+    B, S = logits.shape
+    pool = min(S, pool_factor * k)
+    cand = torch.topk(logits, pool, dim=1)[1]  # (B, pool), best first
+    out = []
+    for b in range(B):
+        c = cand[b]
+        box_logits = coords[b, c].float()
+        finite = torch.isfinite(box_logits).all(-1)
+        fin_idx = torch.nonzero(finite).squeeze(1)
+        boxes = box_cxcywh_to_xyxy(box_logits[fin_idx].sigmoid())
+        # Candidates are already sorted, so descending rank = descending score (ties stay stable).
+        rank = -torch.arange(fin_idx.numel(), dtype=torch.float32, device=logits.device)
+        kept = fin_idx[nms(boxes, rank, iou_threshold)]
+        chosen = torch.zeros(pool, dtype=torch.bool, device=logits.device)
+        chosen[kept] = True
+        order = torch.cat([kept, torch.nonzero(~chosen).squeeze(1)])[:k]
+        out.append(c[order])
+    return torch.stack(out)
