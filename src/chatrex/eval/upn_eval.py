@@ -23,7 +23,7 @@ import torch
 from chatrex.eval.coco_eval import RecallPrecision, coco_ap, coco_dataset
 from chatrex.ops.boxes import box_xywh_to_xyxy, box_xyxy_to_xywh, clip_boxes_to_image
 
-__all__ = ["evaluate_upn", "evaluate_items", "load_predictor", "main"]
+__all__ = ["evaluate_upn", "evaluate_items", "operating_points", "choose_threshold", "load_predictor", "main"]
 
 
 def _proposals(predictor, images: Sequence[Any], prompt_type: str) -> list[tuple[torch.Tensor, torch.Tensor]]:  # noqa: ANN001
@@ -67,6 +67,44 @@ def evaluate_items(predictor, items: Iterable[tuple[Any, torch.Tensor]], prompt_
     result.update({"images": len(coco_images), "prompt_type": prompt_type, "min_score": min_score,
                    "nms": nms, "min_size": min_size})
     return result
+
+
+@torch.no_grad()
+def operating_points(predictor, items: Iterable[tuple[Any, torch.Tensor]], prompt_type: str = "fine",  # noqa: ANN001
+                     min_size: float | None = None, thresholds: Sequence[float] = (0.1, 0.2, 0.3),
+                     nms: float = 0.8, iou: float = 0.5) -> list[dict[str, float]]:
+    """Recall and precision (as :func:`evaluate_items` counts them) at every score threshold, one pass.
+
+    Returns ``[{"threshold", "recall", "precision", "num_pred"}, ...]`` in the order of ``thresholds``.
+    """
+    from chatrex.upn.predictor import resolve_prompt_type, select_proposals
+
+    prompt_type = resolve_prompt_type(prompt_type)
+    accs = [RecallPrecision(iou) for _ in thresholds]
+    for image, gt in items:
+        gt = torch.as_tensor(gt, dtype=torch.float32).reshape(-1, 4)
+        (boxes, scores), = _proposals(predictor, [image], prompt_type)
+        sides = (gt[:, 2:] - gt[:, :2]).amax(1)
+        counted = sides >= min_size if min_size is not None else torch.ones(len(gt), dtype=torch.bool)
+        for acc, t in zip(accs, thresholds):
+            keep = select_proposals(boxes, scores, float(t), nms)
+            acc.add(clip_boxes_to_image(boxes[keep], (image.height, image.width)), scores[keep], gt, counted)
+    out = []
+    for acc, t in zip(accs, thresholds):
+        res = acc.result()
+        out.append({"threshold": float(t), "recall": float(res["recall"]), "precision": float(res["precision"]),
+                    "num_pred": int(res["num_pred"])})
+    return out
+
+
+def choose_threshold(points: Sequence[dict[str, float]], min_precision: float) -> dict[str, float]:
+    """The lowest threshold whose precision >= ``min_precision`` (the highest recall there); if none
+    reaches it, the threshold with the best F1. Thresholds that keep no proposal are never chosen."""
+    points = [p for p in points if p.get("num_pred", 1) > 0] or list(points)
+    ok = [p for p in points if p["precision"] >= min_precision]
+    if ok:
+        return min(ok, key=lambda p: p["threshold"])
+    return max(points, key=lambda p: 2 * p["recall"] * p["precision"] / max(p["recall"] + p["precision"], 1e-9))
 
 
 def read_coco(coco_json: str | Path, images_dir: str | Path | None = None) -> list[tuple[Path, torch.Tensor]]:

@@ -39,7 +39,8 @@ from chatrex.upn.config import UPNConfig
 from chatrex.upn.model import UPN
 from chatrex.upn.preprocess import preprocess_image
 
-__all__ = ["UPNTrainConfig", "train_upn", "build_model", "init_for_training", "make_example", "main"]
+__all__ = ["UPNTrainConfig", "train_upn", "build_model", "init_for_training", "make_example", "calibrate_prompts",
+           "main"]
 
 PROMPTS = {"fine": "fine_grained_prompt", "coarse": "coarse_grained_prompt"}
 
@@ -62,6 +63,10 @@ class UPNTrainConfig(TrainConfigBase):
     ``num_queries`` content embeddings are kept (slot i is the i-th best encoder token either way).
     data_repeat > 0 cycles the data of the first ``data_repeat`` steps (overfitting checks).
     renderer: "default", "alt" or "randomized" (domain randomization, ``chatrex.train.upn_augment``).
+    calibrate_scenes > 0: after the last step, each prompt's logits are rescaled (temperature) so the
+    predictor's default threshold 0.3 sits at the highest-recall operating point whose precision is
+    >= calibrate_precision (a float, or {"fine": p, "coarse": p}) on that many fresh "val"-split scenes
+    (:func:`calibrate_prompts`).
     """
 
     model: Any = "tiny"
@@ -98,6 +103,8 @@ class UPNTrainConfig(TrainConfigBase):
     data_seed: int = 0
     threads: int = 0
     bf16: bool = False
+    calibrate_scenes: int = 0
+    calibrate_precision: Any = 0.85
 
     def validate(self) -> None:
         for name in ("short", "max_size", "steps", "batch_size", "ckpt_every", "log_every"):
@@ -113,6 +120,9 @@ class UPNTrainConfig(TrainConfigBase):
             raise ConfigError("UPNTrainConfig.renderer must be default, alt or randomized")
         if not 0 < self.prior_prob < 1:
             raise ConfigError("UPNTrainConfig.prior_prob must be in (0, 1)")
+        for prompt in PROMPTS.values():
+            if not 0 <= self.min_precision(prompt) <= 1:
+                raise ConfigError("UPNTrainConfig.calibrate_precision must be in [0, 1] (or a dict of such per prompt)")
         self.upn_config()  # validates the model part
 
     def upn_config(self) -> UPNConfig:
@@ -126,6 +136,14 @@ class UPNTrainConfig(TrainConfigBase):
         if self.model_overrides:
             cfg = UPNConfig.from_dict({**cfg.to_dict(), **dict(self.model_overrides)})
         return cfg
+
+    def min_precision(self, prompt_type: str) -> float:
+        """The calibration precision floor of ``prompt_type`` (fine_grained_prompt / coarse_grained_prompt)."""
+        value = self.calibrate_precision
+        if isinstance(value, Mapping):
+            short = {v: k for k, v in PROMPTS.items()}[prompt_type]
+            value = value.get(short, value.get(prompt_type, 0.85))
+        return float(value)
 
     def min_sizes(self) -> dict[str, float]:
         """prompt_type -> minimum object size (px) it must propose."""
@@ -294,9 +312,52 @@ def train_upn(config: UPNTrainConfig, out_dir: str | Path, resume: str | Path | 
                 _save(out, model, opt, sched, step, losses, seconds + now - t_start, config)
                 t_ckpt = now
     bar.close()
+    calibration = None
+    if config.calibrate_scenes > 0 and step == config.steps:  # checkpoint.pt stays uncalibrated
+        calibration = calibrate_prompts(model, config)
     seconds += time.perf_counter() - t_start
-    _export(out, model, config, step, seconds)
+    _export(out, model, config, step, seconds, calibration)
     return {"losses": losses, "step": step, "model": model.eval(), "train_seconds": seconds}
+
+
+CALIBRATION_THRESHOLDS = tuple(round(0.02 + 0.01 * i, 2) for i in range(59))  # 0.02 … 0.60
+
+
+@torch.no_grad()
+def calibrate_prompts(model: UPN, config: UPNTrainConfig, target: float = 0.3) -> dict[str, Any]:
+    """Temperature calibration, folded into the prompt vectors (in place); returns what was chosen.
+
+    UPN's logit is ``hs · prompt`` with no bias, so scaling a prompt vector by ``s > 0`` scales that
+    prompt's logits by ``s``: the ranking and the two-stage selection are unchanged, only where the
+    predictor's default threshold ``target`` falls moves. Focal-loss training leaves good boxes with
+    low scores; per prompt, the chosen threshold is the highest-recall one whose precision (NMS 0.8,
+    as evaluated) is >= ``config.calibrate_precision`` on ``config.calibrate_scenes`` fresh scenes of
+    the "val" split (never the held-out "test" scenes) drawn by the training renderer.
+    """
+    from chatrex.data.synthetic import sample_scene, split_seed
+    from chatrex.eval.upn_eval import choose_threshold, operating_points
+    from chatrex.upn.predictor import UPNPredictor
+
+    renderer: Any = config.renderer
+    if renderer == "randomized":
+        from chatrex.train.upn_augment import RANDOMIZED_STYLE as renderer
+    was_training = model.training
+    predictor = UPNPredictor(model, short=config.short, max_size=config.max_size)
+    scenes = [sample_scene(split_seed(config.data_seed, i, "val"), renderer=renderer)
+              for i in range(config.calibrate_scenes)]
+    items = [(s.image, torch.as_tensor(s.boxes, dtype=torch.float32)) for s in scenes]
+    result: dict[str, Any] = {"scenes": len(items), "split": "val"}
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    for prompt_type, min_size in config.min_sizes().items():
+        points = operating_points(predictor, items, prompt_type, min_size, CALIBRATION_THRESHOLDS)
+        best = choose_threshold(points, config.min_precision(prompt_type))
+        scale = logit(target) / logit(best["threshold"]) if best["threshold"] < 0.5 else 1.0
+        name = "fine_grained_prompt" if prompt_type == "fine_grained_prompt" else "coarse_grained_prompt"
+        getattr(model.transformer, name).weight.mul_(scale)
+        result[prompt_type] = {**{k: round(v, 4) for k, v in best.items()}, "scale": round(scale, 4),
+                               "min_precision": config.min_precision(prompt_type)}
+    model.train(was_training)
+    return result
 
 
 def _save(out: Path, model, opt, sched, step, losses, seconds, config) -> None:  # noqa: ANN001
@@ -306,12 +367,15 @@ def _save(out: Path, model, opt, sched, step, losses, seconds, config) -> None: 
     _export(out, model, config, step, seconds)  # a partial run is usable as-is
 
 
-def _export(out: Path, model: UPN, config: UPNTrainConfig, step: int, seconds: float) -> None:
+def _export(out: Path, model: UPN, config: UPNTrainConfig, step: int, seconds: float,
+            calibration: dict[str, Any] | None = None) -> None:
     from chatrex.upn.checkpoint import save_upn
 
     save_upn(model, out / "upn.safetensors")
     meta = {"config": model.config.to_dict(), "short": config.short, "max_size": config.max_size,
             "trained_steps": step, "train_seconds": round(seconds, 1), "train_config": config.to_dict()}
+    if calibration is not None:
+        meta["calibration"] = calibration
     (out / "upn.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
