@@ -68,8 +68,41 @@ def evaluate_shipped(folder: str | Path, scenes: int, seed: int = 7) -> dict[str
     return scores
 
 
-def ship_upn(out_dir: str | Path, assets: str | Path = ASSETS) -> dict[str, Any]:
-    """Write ASSETS/tiny_upn.safetensors + tiny_upn.json from a `chatrex train upn` folder."""
+UPN_BARS = {"fine_recall": 0.95, "fine_precision": 0.8, "coarse_recall": 0.95}
+
+
+def evaluate_upn_assets(assets: str | Path, scenes: int, seed: int = 7) -> dict[str, Any]:
+    """Held-out UPN scores of the shipped weights in `assets` (score >= 0.3, NMS 0.8; coarse recall over
+    objects >= 24 px), per renderer and prompt: {"default_fine": {...}, ..., "heldout": description}."""
+    from chatrex.data.synthetic import scene_stream
+    from chatrex.eval.upn_eval import evaluate_items
+    from chatrex.upn.config import UPNConfig
+    from chatrex.upn.predictor import UPNPredictor
+
+    meta = json.loads((Path(assets) / "tiny_upn.json").read_text())
+    predictor = UPNPredictor.from_checkpoint(Path(assets) / "tiny_upn.safetensors", config=UPNConfig.from_dict(meta["config"]),
+                                             device="cpu", short=int(meta["short"]), max_size=int(meta["max_size"]))
+    scores: dict[str, Any] = {}
+    for renderer in ("default", "alt"):
+        items = [(s.image, torch.as_tensor(s.boxes)) for s in scene_stream(seed, scenes, split="test", renderer=renderer)]
+        for prompt, min_size in (("fine", None), ("coarse", 24)):
+            scores[f"{renderer}_{prompt}"] = evaluate_items(predictor, items, prompt, 0.3, 0.8, min_size)
+    scores["heldout"] = (f"{scenes} scenes each, chatrex.data.coco.scene_stream(seed={seed}, split='test'), renderers "
+                         "default and alt; score>=0.3, NMS 0.8; coarse recall over objects >= 24 px")
+    return scores
+
+
+def _upn_note(scores: dict[str, Any]) -> str:
+    misses = [f"{key} recall {scores[key]['recall']:.3f}" for key in ("default_fine", "alt_fine", "default_coarse", "alt_coarse")
+              if scores[key]["recall"] < UPN_BARS[key.split("_")[1] + "_recall"]]
+    misses += [f"{key} precision {scores[key]['precision']:.3f}" for key in ("default_fine", "alt_fine")
+               if scores[key]["precision"] < UPN_BARS["fine_precision"]]
+    return "" if not misses else "preliminary: below the bars (" + ", ".join(misses) + ")"
+
+
+def ship_upn(out_dir: str | Path, assets: str | Path = ASSETS, eval_scenes: int = 300) -> dict[str, Any]:
+    """Write ASSETS/tiny_upn.safetensors + tiny_upn.json from a `chatrex train upn` folder, with held-out
+    scores of the shipped (bf16) weights and a note naming any missed bar (unless eval_scenes is 0)."""
     from safetensors.torch import load_file, save_file
 
     out_dir = Path(out_dir)
@@ -81,6 +114,10 @@ def ship_upn(out_dir: str | Path, assets: str | Path = ASSETS) -> dict[str, Any]
     meta = json.loads(meta_path.read_text())
     meta["weights_dtype"] = "bfloat16"
     (Path(assets) / "tiny_upn.json").write_text(json.dumps(meta, indent=1) + "\n")
+    if eval_scenes > 0:
+        meta["eval"] = evaluate_upn_assets(assets, eval_scenes)
+        meta["note"] = _upn_note(meta["eval"])
+        (Path(assets) / "tiny_upn.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
 
@@ -89,13 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chatrex", help="`chatrex train chatrex` output folder")
     parser.add_argument("--upn", help="`chatrex train upn` output folder")
     parser.add_argument("--to", default=str(ASSETS), help="assets folder (default: the package's)")
-    parser.add_argument("--eval-scenes", type=int, default=100, help="held-out scenes per renderer (0 = skip)")
+    parser.add_argument("--eval-scenes", type=int, default=100,
+                        help="held-out scenes per renderer for both models' scores (0 = skip)")
     args = parser.parse_args(argv)
     if not args.chatrex and not args.upn:
         parser.error("give --chatrex and/or --upn")
     try:
         if args.upn:
-            ship_upn(args.upn, args.to)
+            ship_upn(args.upn, args.to, args.eval_scenes)
             print(f"shipped the UPN from {args.upn} to {args.to}")
         if args.chatrex:
             meta = ship_chatrex(args.chatrex, args.to, args.eval_scenes)
