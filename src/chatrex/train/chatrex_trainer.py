@@ -1,13 +1,14 @@
-"""ChatRex trainer: the paper's two stages on synthetic "shapes" instruction data, from scratch on CPU.
+"""ChatRex trainer: the paper's stages on synthetic "shapes" instruction data, from scratch on CPU.
 
 Stages (`ChatRexTrainConfig.stages`): stage 1 trains `mm_projector`, `mm_object_projector` and both
 embedding matrices in full (`model.embed_tokens`, `lm_head`), as the reference's stage 1 does ("both
 embedding matrices made trainable"); stage 2 trains every parameter (or, with `lora`, the towers,
 projectors and embeddings in full plus LoRA adapters on the LLM's linear layers). The reference starts
 from pretrained CLIP / ConvNeXt / Vicuna, so its stage 1 only has to align projectors. Our tiny model is
-random everywhere: stage 1 can only teach the projectors to pass random features along, so the shipped
-schedule keeps it short (it exists to honour the recipe and warm the embeddings) and spends the budget on
-stage 2, where the vision towers learn colour / shape and the LLM learns the answer grammar.
+random everywhere, so the tiny recipe adds what a from-scratch model needs: stage 0
+(`chatrex.train.region_pretrain`: the vision side learns the world before any text), `frozen_towers`
+afterwards, text-only stages (rows without the image / object prefix: the LLM learns the grammar and to
+copy the question), and per-stage task weights. Stage 1 is kept for fine-tuning pretrained weights.
 
 Batches: one micro-batch = one scene; its image is encoded ONCE (CLIP + ConvNeXt) and its
 `questions_per_image` single-turn questions become the rows of a left-padded batch that share those
@@ -36,8 +37,7 @@ from torch import nn
 
 from chatrex.errors import ConfigError
 from chatrex.model.constants import IGNORE_INDEX
-from chatrex.train.lora import LoRALinear, apply_lora, merge_lora
-from chatrex.train.region_pretrain import REGION_PREFIXES, RegionHead, category_word_ids, region_loss
+from chatrex.train.chatrex_data import curriculum, draw_tasks, encode_samples, region_scene, scene_samples
 from chatrex.train.common import (
     ProgressBar,
     TrainConfigBase,
@@ -47,6 +47,8 @@ from chatrex.train.common import (
     save_checkpoint,
     seed_everything,
 )
+from chatrex.train.lora import LoRALinear, apply_lora, merge_lora
+from chatrex.train.region_pretrain import REGION_PREFIXES, RegionHead, category_word_ids, region_loss
 
 VISION_PREFIXES = ("vision_tower.", "vision_tower_aux.", "mm_projector.", "mm_object_projector.")
 TOWER_PREFIXES = ("vision_tower.", "vision_tower_aux.")
@@ -271,100 +273,6 @@ def build_optimizer(model: nn.Module, config: ChatRexTrainConfig, stage: dict,
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
 
 
-# ---------------------------------------------------------------------------------------------- data
-def draw_tasks(config: ChatRexTrainConfig, rng: np.random.Generator, task_weights: dict | None = None) -> list[str]:
-    """`questions_per_image` task names drawn with `task_weights` (default: the config's)."""
-    table = config.task_weights if task_weights is None else task_weights
-    names = sorted(table)
-    weights = np.array([float(table[n]) for n in names], dtype=np.float64)
-    picks = rng.choice(len(names), size=config.questions_per_image, p=weights / weights.sum())
-    return [names[i] for i in picks]
-
-
-def scene_samples(config: ChatRexTrainConfig, step: int, micro: int, split: str = "train") -> list[Any]:
-    """The instruction samples of micro-batch `micro` of optimizer step `step` (deterministic)."""
-    from chatrex.data.instructions import make_samples
-    from chatrex.data.synthetic import sample_scene, split_seed
-
-    rng = np.random.default_rng([config.seed, step, micro])
-    renderer: Any = config.renderer
-    if renderer == "randomized":
-        from chatrex.train.upn_augment import RANDOMIZED_STYLE as renderer
-    most, distractors = curriculum(config, step)
-    scene = sample_scene(split_seed(config.seed, step * config.images_per_step + micro, split), renderer=renderer,
-                         max_objects=most)
-    jitter = float(rng.uniform(0.0, config.jitter)) if config.jitter > 0 else 0.0
-    paraphrase = bool(rng.random() < config.paraphrase_prob)
-    tasks = draw_tasks(config, rng, config.stage_at(step)[2].get("task_weights"))
-    return make_samples(scene, rng, tasks, max_distractors=distractors, jitter=jitter,
-                        paraphrase=paraphrase)
-
-
-def curriculum(config: ChatRexTrainConfig, step: int, full_objects: int = 8) -> tuple[int, int | None]:
-    """(most objects per scene, distractor cap) at `step`: with `curriculum_steps` > 0 both grow linearly
-    from (1, 0) to (full_objects, max_distractors) over those steps. One box first means the model can
-    learn to read an object's colour / shape before it has to bind <objK> indices to features."""
-    if config.curriculum_steps <= 0 or step >= config.curriculum_steps:
-        return full_objects, config.max_distractors
-    frac = step / config.curriculum_steps
-    most = 1 + int(frac * full_objects)
-    cap = config.max_distractors if config.max_distractors is not None else 3 * full_objects + 4
-    return min(most, full_objects), int(frac * cap)
-
-
-def encode_samples(processor: Any, samples: Sequence[Any], text_only: bool = False) -> dict[str, Any]:
-    """Samples about ONE image -> one left-padded training batch.
-
-    Returns input_ids / labels / attention_mask (B, L) (labels = IGNORE_INDEX except answer + EOS),
-    pixel_values (1, 3, low, low), pixel_values_aux (1, 3, high, high), and `boxes`: B canvas-xyxy
-    float32 tensors (K_b, 4). text_only: rows are the chat-wrapped question without the image / object
-    prefix, <objK> answer tokens unlabelled (nothing to bind them to), no pixel values or boxes.
-    """
-    if not samples:
-        raise ValueError("no samples to encode")
-    if text_only:
-        return _text_rows(processor, samples)
-    low, aux, size = processor.preprocess_image(samples[0].image)
-    tok = processor.tokenizer
-    rows, boxes = [], []
-    for s in samples:
-        canvas, kept = processor.prepare_boxes(s.boxes, size)
-        if len(kept) != len(s.boxes):
-            raise ValueError(f"sample has {len(s.boxes)} boxes, more than the model's {processor.config.max_objects}")
-        prompt = processor.tokenize(processor.build_prompt(s.question, len(kept)))
-        answer = [int(i) for i in tok.encode(s.answer, add_special_tokens=False)] + [int(tok.eos_token_id)]
-        rows.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
-        boxes.append(canvas)
-    return {**_left_pad(rows, processor.pad_token_id), "pixel_values": low, "pixel_values_aux": aux, "boxes": boxes}
-
-
-def _text_rows(processor: Any, samples: Sequence[Any]) -> dict[str, Any]:
-    from chatrex.constants import MAX_OBJECTS, object_token
-    from chatrex.model.templates import apply_chat_template, clean_question
-
-    tok = processor.tokenizer
-    objects = set(tok.convert_tokens_to_ids([object_token(k) for k in range(MAX_OBJECTS)]))
-    rows = []
-    for s in samples:
-        prompt = processor.tokenize(apply_chat_template(clean_question(s.question), processor.config.chat_template,
-                                                        eos_text=processor.eos_text))
-        answer = [int(i) for i in tok.encode(s.answer, add_special_tokens=False)] + [int(tok.eos_token_id)]
-        rows.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + [IGNORE_INDEX if i in objects else i for i in answer]))
-    return _left_pad(rows, processor.pad_token_id)
-
-
-def _left_pad(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    length = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for b, (ids, lab) in enumerate(rows):
-        input_ids[b, length - len(ids):] = torch.tensor(ids)
-        labels[b, length - len(ids):] = torch.tensor(lab)
-        mask[b, length - len(ids):] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
-
-
 def dense_object_features(model: nn.Module, maps: Sequence[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
     """`model.encode_objects(maps, [boxes])[0]` for ONE image, computed densely for fast backward.
 
@@ -483,20 +391,6 @@ def _new_stage(model: nn.Module, config: ChatRexTrainConfig, stage: dict, head: 
     warmup = min(int(config.warmup), max(steps // 4, 1))
     scheduler = build_scheduler(optimizer, steps, warmup, config.schedule, config.min_lr_ratio)
     return optimizer, scheduler
-
-
-def region_scene(config: ChatRexTrainConfig, step: int, micro: int) -> tuple[Any, np.random.Generator]:
-    """Scene + rng of stage-0 micro-batch `micro` of step `step` (deterministic; its own seed stream)."""
-    from chatrex.data.synthetic import sample_scene, split_seed
-
-    renderer: Any = config.renderer
-    if renderer == "randomized":
-        from chatrex.train.upn_augment import RANDOMIZED_STYLE as renderer
-    rng = np.random.default_rng([config.seed, 7, step, micro])
-    index = step * config.region_images_per_step + micro
-    scene = sample_scene(split_seed(config.seed + 7, index, "train"), renderer=renderer,
-                         min_objects=config.region_min_objects)
-    return scene, rng
 
 
 def _region_step(model, head, processor, config, step: int, optimizer, scheduler) -> tuple[float, int]:
@@ -642,9 +536,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = [
-    "ChatRexTrainConfig", "LoRALinear", "apply_lora", "batch_loss", "build_model", "build_model_config",
-    "build_optimizer", "encode_samples", "export_model", "extend_vocab", "main", "merge_lora", "scene_samples",
-    "set_trainable", "train_chatrex",
+    "ChatRexTrainConfig", "LoRALinear", "TOWER_PREFIXES", "VISION_PREFIXES", "apply_lora", "batch_loss",
+    "build_model", "build_model_config", "build_optimizer", "curriculum", "dense_object_features", "draw_tasks",
+    "encode_for_training", "encode_samples", "export_model", "extend_vocab", "main", "merge_lora", "region_scene",
+    "scene_samples", "set_trainable", "train_chatrex",
 ]
 
 
