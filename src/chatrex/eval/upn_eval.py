@@ -34,6 +34,13 @@ def _proposals(predictor, images: Sequence[Any], prompt_type: str) -> list[tuple
     return [postprocess(logits, boxes, (img.height, img.width)) for img, (logits, boxes) in zip(images, raw)]
 
 
+def _counted(gt: torch.Tensor, min_size: float | None) -> torch.Tensor:
+    """(M,) bool: the ground-truth boxes (M, 4) xyxy whose larger side is >= ``min_size`` (all when None)."""
+    if min_size is None:
+        return torch.ones(len(gt), dtype=torch.bool)
+    return (gt[:, 2:] - gt[:, :2]).amax(1) >= min_size
+
+
 def evaluate_items(predictor, items: Iterable[tuple[Any, torch.Tensor]], prompt_type: str = "fine",  # noqa: ANN001
                    min_score: float = 0.3, nms: float = 0.8, min_size: float | None = None,
                    iou: float = 0.5, max_dets: int = 100) -> dict[str, Any]:
@@ -53,8 +60,7 @@ def evaluate_items(predictor, items: Iterable[tuple[Any, torch.Tensor]], prompt_
         (boxes, scores), = _proposals(predictor, [image], prompt_type)
         keep = select_proposals(boxes, scores, min_score, nms)
         kept = clip_boxes_to_image(boxes[keep], (image.height, image.width))
-        sides = (gt[:, 2:] - gt[:, :2]).amax(1)
-        counted = sides >= min_size if min_size is not None else torch.ones(len(gt), dtype=torch.bool)
+        counted = _counted(gt, min_size)
         acc.add(kept, scores[keep], gt, counted)
         coco_images.append({"id": k + 1, "width": image.width, "height": image.height})
         gt_boxes.append(gt[counted])
@@ -84,8 +90,7 @@ def operating_points(predictor, items: Iterable[tuple[Any, torch.Tensor]], promp
     for image, gt in items:
         gt = torch.as_tensor(gt, dtype=torch.float32).reshape(-1, 4)
         (boxes, scores), = _proposals(predictor, [image], prompt_type)
-        sides = (gt[:, 2:] - gt[:, :2]).amax(1)
-        counted = sides >= min_size if min_size is not None else torch.ones(len(gt), dtype=torch.bool)
+        counted = _counted(gt, min_size)
         for acc, t in zip(accs, thresholds):
             keep = select_proposals(boxes, scores, float(t), nms)
             acc.add(clip_boxes_to_image(boxes[keep], (image.height, image.width)), scores[keep], gt, counted)

@@ -403,32 +403,33 @@ def _region_step(model, head, processor, config, step: int, optimizer, scheduler
             loss, _ = region_loss(model, head, processor, scene, rng, config.jitter, config.max_distractors)
         (loss / n).backward()
         total += float(loss.detach()) / n
+    _apply_gradients(config, optimizer, scheduler)
+    return total, n
+
+
+def _apply_gradients(config, optimizer, scheduler) -> None:
+    """Clip the accumulated gradients to `grad_clip` (0 = off), then step the optimizer and the schedule."""
     if config.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
     optimizer.step()
     scheduler.step()
-    return total, n
 
 
 def _train_step(model, processor, config, step: int, optimizer, scheduler, head=None) -> tuple[float, int]:
-    stage = config.stage_at(step)[2]
     if head is not None:
         return _region_step(model, head, processor, config, step, optimizer, scheduler)
+    text_only = bool(config.stage_at(step)[2].get("text_only"))
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total, rows = 0.0, 0
     for micro in range(config.images_per_step):
-        batch = encode_samples(processor, scene_samples(config, step, micro), text_only=bool(stage.get("text_only")))
+        batch = encode_samples(processor, scene_samples(config, step, micro), text_only=text_only)
         with autocast_context("cpu" if not torch.cuda.is_available() else "cuda", "bf16" if config.bf16 else None):
             loss = batch_loss(model, batch, hide_vision=step < config.text_warmup_steps)
         (loss / config.images_per_step).backward()
         total += float(loss.detach()) / config.images_per_step
         rows += int(batch["input_ids"].shape[0])
-    if config.grad_clip > 0:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-    optimizer.step()
-    scheduler.step()
+    _apply_gradients(config, optimizer, scheduler)
     return total, rows
 
 

@@ -71,24 +71,20 @@ def evaluate_shipped(folder: str | Path, scenes: int, seed: int = 7) -> dict[str
 UPN_BARS = {"fine_recall": 0.95, "fine_precision": 0.8, "coarse_recall": 0.95}
 
 
-def evaluate_upn_assets(assets: str | Path, scenes: int, seed: int = 7) -> dict[str, Any]:
-    """Held-out UPN scores of the shipped weights in `assets` (score >= 0.3, NMS 0.8; coarse recall over
+def evaluate_upn_weights(weights: str | Path, meta_json: str | Path, scenes: int, seed: int = 7) -> dict[str, Any]:
+    """Held-out UPN scores of `weights` run as `meta_json` says (score >= 0.3, NMS 0.8; coarse recall over
     objects >= 24 px), per renderer and prompt: {"default_fine": {...}, ..., "heldout": description}."""
     from chatrex.data.synthetic import scene_stream
-    from chatrex.eval.upn_eval import evaluate_items
-    from chatrex.upn.config import UPNConfig
-    from chatrex.upn.predictor import UPNPredictor
+    from chatrex.eval.upn_eval import evaluate_items, load_predictor
 
-    meta = json.loads((Path(assets) / "tiny_upn.json").read_text())
-    predictor = UPNPredictor.from_checkpoint(Path(assets) / "tiny_upn.safetensors", config=UPNConfig.from_dict(meta["config"]),
-                                             device="cpu", short=int(meta["short"]), max_size=int(meta["max_size"]))
+    predictor = load_predictor(weights, meta_json, device="cpu")
     scores: dict[str, Any] = {}
     for renderer in ("default", "alt"):
         items = [(s.image, torch.as_tensor(s.boxes)) for s in scene_stream(seed, scenes, split="test", renderer=renderer)]
         for prompt, min_size in (("fine", None), ("coarse", 24)):
             scores[f"{renderer}_{prompt}"] = evaluate_items(predictor, items, prompt, 0.3, 0.8, min_size)
-    scores["heldout"] = (f"{scenes} scenes each, chatrex.data.coco.scene_stream(seed={seed}, split='test'), renderers "
-                         "default and alt; score>=0.3, NMS 0.8; coarse recall over objects >= 24 px")
+    scores["heldout"] = (f"{scenes} scenes each, chatrex.data.synthetic.scene_stream(seed={seed}, split='test'), "
+                         "renderers default and alt; score>=0.3, NMS 0.8; coarse recall over objects >= 24 px")
     return scores
 
 
@@ -110,14 +106,14 @@ def ship_upn(out_dir: str | Path, assets: str | Path = ASSETS, eval_scenes: int 
     if not weights.is_file() or not meta_path.is_file():
         raise ConfigError(f"{out_dir} is not a finished `chatrex train upn` folder (needs upn.safetensors, upn.json)")
     tensors = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in load_file(str(weights)).items()}
-    save_file(tensors, str(Path(assets) / "tiny_upn.safetensors"))
+    shipped = Path(assets) / "tiny_upn.safetensors"
+    save_file(tensors, str(shipped))
     meta = json.loads(meta_path.read_text())
     meta["weights_dtype"] = "bfloat16"
-    (Path(assets) / "tiny_upn.json").write_text(json.dumps(meta, indent=1) + "\n")
-    if eval_scenes > 0:
-        meta["eval"] = evaluate_upn_assets(assets, eval_scenes)
+    if eval_scenes > 0:  # the shipped bf16 weights, run with the trained model's config and sizes
+        meta["eval"] = evaluate_upn_weights(shipped, meta_path, eval_scenes)
         meta["note"] = _upn_note(meta["eval"])
-        (Path(assets) / "tiny_upn.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (Path(assets) / "tiny_upn.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
 

@@ -352,8 +352,7 @@ def calibrate_prompts(model: UPN, config: UPNTrainConfig, target: float = 0.3) -
         points = operating_points(predictor, items, prompt_type, min_size, CALIBRATION_THRESHOLDS)
         best = choose_threshold(points, config.min_precision(prompt_type))
         scale = logit(target) / logit(best["threshold"]) if best["threshold"] < 0.5 else 1.0
-        name = "fine_grained_prompt" if prompt_type == "fine_grained_prompt" else "coarse_grained_prompt"
-        getattr(model.transformer, name).weight.mul_(scale)
+        getattr(model.transformer, prompt_type).weight.mul_(scale)
         result[prompt_type] = {**{k: round(v, 4) for k, v in best.items()}, "scale": round(scale, 4),
                                "min_precision": config.min_precision(prompt_type)}
     model.train(was_training)
