@@ -187,3 +187,23 @@ def test_nms_ignore_leaves_near_copies_of_matched_queries_out_of_the_focal_loss(
     plain = set_loss(logits, boxes, [boxes[0, :1]], indices, 1.0, LossWeights())["focal"]
     ignored = set_loss(logits, boxes, [boxes[0, :1]], indices, 1.0, LossWeights(nms_ignore=0.85))["focal"]
     assert ignored.item() == pytest.approx(plain.item() - 0.75 * 0.25 * math.log(2), abs=1e-6)
+
+
+def test_iou_score_target_makes_the_focal_target_the_box_iou():
+    logits = torch.tensor([[0.3, -1.0]])
+    indices = [(torch.tensor([0]), torch.tensor([0]))]
+    target = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    exact = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]]])
+    loose = torch.tensor([[[0.55, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]]])  # IoU 0.6 with the target
+    binary = set_loss(logits, exact, [target], indices, 1.0, LossWeights())["focal"]
+    assert set_loss(logits, exact, [target], indices, 1.0, LossWeights(iou_target=True))["focal"].item() == \
+        pytest.approx(binary.item(), abs=1e-5)  # a perfect box: target 1, the binary focal loss
+    soft = set_loss(logits, loose, [target], indices, 1.0, LossWeights(iou_target=True))["focal"]
+    p, t = torch.sigmoid(torch.tensor([0.3, -1.0])), torch.tensor([0.6, 0.0])
+    bce = torch.nn.functional.binary_cross_entropy(p, t, reduction="none")
+    expected = (torch.tensor([0.25, 0.75]) * (t - p).abs() ** 2 * bce).sum()
+    assert soft.item() == pytest.approx(expected.item(), rel=1e-4)
+    # the score is pushed towards the IoU: at p = IoU the matched query's loss is minimal
+    at_iou = set_loss(torch.tensor([[math.log(0.6 / 0.4), -1.0]]), loose, [target], indices, 1.0,
+                      LossWeights(iou_target=True))["focal"]
+    assert at_iou.item() < soft.item()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from chatrex.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from chatrex.ops.boxes import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 from chatrex.train.matcher import HungarianMatcher
 
 __all__ = ["LossWeights", "sigmoid_focal_loss", "set_loss", "upn_loss", "encoder_proposals",
@@ -34,6 +34,10 @@ class LossWeights:
     # > 0: unmatched decoder queries whose box has IoU > nms_ignore with a matched query's box are left
     # out of the focal loss: the predictor's NMS removes such near-copies, so the model need not.
     nms_ignore: float = 0.0
+    # True: a matched query's score target is the IoU of its box with its target (quality focal loss,
+    # Li et al. 2020 "Generalized Focal Loss"), so the score ranks boxes by localisation, not only by
+    # "is an object"; badly placed near-copies then score low. False: 0/1 targets (DINO).
+    iou_target: bool = False
     alpha: float = 0.25
     gamma: float = 2.0
 
@@ -41,14 +45,16 @@ class LossWeights:
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """Element-wise focal loss (Lin et al. 2017) of raw ``logits`` against 0/1 ``targets`` (same shape).
 
-    ``FL = -alpha_t (1 - p_t)^gamma log(p_t)``; ``alpha < 0`` disables the alpha weighting.
+    ``FL = -alpha_t (1 - p_t)^gamma log(p_t)``; ``alpha < 0`` disables the alpha weighting. Soft targets
+    in (0, 1] (IoU scores) use the quality-focal form ``alpha_t |t - p|^gamma BCE(p, t)`` (alpha_t = alpha
+    where t > 0), which equals the binary one when t is 0 or 1.
     """
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
+    loss = ce * (targets - prob).abs() ** gamma  # = (1 - p_t)^gamma for 0/1 targets
     if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+        positive = (targets > 0).to(loss.dtype)
+        loss = (alpha * positive + (1 - alpha) * (1 - positive)) * loss
     return loss
 
 
@@ -64,7 +70,14 @@ def set_loss(logits: Tensor, boxes: Tensor, targets: list[Tensor], indices: list
     labels = torch.zeros_like(logits)
     batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
     query_idx = torch.cat([q for q, _ in indices])
-    labels[batch_idx, query_idx] = 1.0
+    src = boxes[batch_idx, query_idx]  # (N, 4)
+    tgt = (torch.cat([t[j] for t, (_, j) in zip(targets, indices)]) if indices else src[:0]).to(src)
+    pairs = box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)
+    if weights.iou_target and query_idx.numel() > 0:
+        iou = torch.diag(box_iou(*pairs)[0]).detach()
+        labels[batch_idx, query_idx] = iou.clamp(min=0.01)  # > 0 keeps alpha_t = alpha for a matched query
+    else:
+        labels[batch_idx, query_idx] = 1.0
     focal = sigmoid_focal_loss(logits, labels, weights.alpha, weights.gamma)
     if weights.nms_ignore > 0:
         focal = focal * _nms_keep_weights(boxes.detach(), indices, weights.nms_ignore)
@@ -72,10 +85,8 @@ def set_loss(logits: Tensor, boxes: Tensor, targets: list[Tensor], indices: list
     if query_idx.numel() == 0:
         zero = boxes.sum() * 0.0  # keeps the graph connected
         return {"focal": focal, "l1": zero, "giou": zero}
-    src = boxes[batch_idx, query_idx]  # (N, 4)
-    tgt = torch.cat([t[j] for t, (_, j) in zip(targets, indices)]).to(src)
     l1 = (src - tgt).abs().sum() / num_boxes
-    giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
+    giou = torch.diag(generalized_box_iou(*pairs))
     return {"focal": focal, "l1": l1, "giou": (1 - giou).sum() / num_boxes}
 
 

@@ -59,6 +59,9 @@ class UPNTrainConfig(TrainConfigBase):
     the predictor's NMS): confident scores early instead of scores split between near-identical queries.
     nms_ignore > 0 leaves near-copies (box IoU > nms_ignore) of matched queries out of the focal loss:
     the predictor's NMS (0.8) removes them, so scores need not be split between them.
+    iou_score_target: a matched query's focal target is its box's IoU with the target instead of 1
+    (quality focal loss): scores then rank boxes by how well they fit, so duplicates and loose boxes
+    fall under the threshold (the encoder's dense loss keeps 0/1 targets).
     init_from: UPN weights to start from (fine-tuning); when this config has fewer queries, the first
     ``num_queries`` content embeddings are kept (slot i is the i-th best encoder token either way).
     data_repeat > 0 cycles the data of the first ``data_repeat`` steps (overfitting checks).
@@ -89,6 +92,7 @@ class UPNTrainConfig(TrainConfigBase):
     enc_dense_k: int = 0
     dec_match_k: int = 1
     nms_ignore: float = 0.0
+    iou_score_target: bool = False
     init_from: Any = None
     prompts: tuple[str, ...] = ("fine", "coarse")
     min_size: Any = None
@@ -289,7 +293,7 @@ def train_upn(config: UPNTrainConfig, out_dir: str | Path, resume: str | Path | 
     prompts = [PROMPTS[p] for p in config.prompts]
     matcher = HungarianMatcher()
     weights = LossWeights(encoder=config.enc_weight, dense_k=config.enc_dense_k, dec_k=config.dec_match_k,
-                          nms_ignore=config.nms_ignore)
+                          nms_ignore=config.nms_ignore, iou_target=config.iou_score_target)
     bar = ProgressBar(config.steps, desc="upn", stream=stream, every=config.log_every)
     t_start, t_ckpt = time.perf_counter(), time.perf_counter()
     with (out / "losses.jsonl").open("a") as log:
