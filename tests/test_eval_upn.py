@@ -150,17 +150,23 @@ def test_shipped_meta_and_size(shipped):
     assert size < 15 * 2**20
 
 
-# Issue 5 is open: the shipped UPN is a preliminary 880-step run (300 held-out scenes, default / alt renderer:
-# fine recall@0.5 0.930 / 0.927 at precision 0.834 / 0.805; coarse recall 0.952 / 0.922).
+# Issue 5 is open: the shipped UPN (1,050 steps, IoU-aware scores; 300 held-out scenes, default / alt renderer)
+# reaches fine recall@0.5 0.936 / 0.916 at precision 0.831 / 0.809: the precision bar holds, the recall bar does not.
 # strict: once a model that meets the bars ships, these XPASS and fail until the marker is removed.
-@pytest.mark.xfail(strict=True, reason="preliminary tiny UPN below the issue-5 bars (held-out fine recall 0.93 < 0.95, "
-                                       "alt coarse recall 0.92 < 0.95)")
+@pytest.mark.xfail(strict=True, reason="preliminary tiny UPN below the issue-5 fine-prompt bar (held-out fine "
+                                       "recall 0.936 / 0.916 < 0.95)")
 @pytest.mark.parametrize("renderer", ["default", "alt"])
-def test_shipped_upn_reaches_the_quality_bars(shipped, renderer):
+def test_shipped_upn_reaches_the_fine_prompt_bars(shipped, renderer):
     predictor, _ = shipped
     fine = _evaluate(predictor, renderer, "fine", None)
     assert fine["recall"] >= 0.95, fine
     assert fine["precision"] >= 0.8, fine
+
+
+@pytest.mark.parametrize("renderer", ["default", "alt"])
+def test_shipped_upn_reaches_the_coarse_prompt_bar(shipped, renderer):
+    # 300 held-out scenes: coarse recall of objects >= 24 px 0.973 / 0.963 (default / alt)
+    predictor, _ = shipped
     coarse = _evaluate(predictor, renderer, "coarse", 24)
     assert coarse["recall"] >= 0.95, coarse
 
@@ -172,11 +178,12 @@ def _evaluate(predictor, renderer, prompt, min_size):
 
 
 def test_shipped_upn_keeps_its_measured_preliminary_quality(shipped):
-    # Regression floor for the preliminary model (measured on 300 held-out scenes: fine recall 0.93 / precision 0.83,
-    # coarse recall 0.95); 30 scenes here, so the floors leave room for sampling noise.
+    # Regression floor for the preliminary model (measured on 300 held-out scenes: fine recall 0.936 / precision
+    # 0.831, coarse recall 0.973); 30 scenes here, so the floors leave room for sampling noise.
     predictor, meta = shipped
     fine = _evaluate(predictor, "default", "fine", None)
     assert fine["recall"] >= 0.88 and fine["precision"] >= 0.75, fine
     coarse = _evaluate(predictor, "default", "coarse", 24)
     assert coarse["recall"] >= 0.88, coarse
-    assert meta["eval"]["default_fine"]["recall"] >= 0.92 and meta["eval"]["default_coarse"]["recall"] >= 0.95
+    assert meta["eval"]["default_fine"]["recall"] >= 0.93 and meta["eval"]["default_fine"]["precision"] >= 0.8
+    assert min(meta["eval"][f"{r}_coarse"]["recall"] for r in ("default", "alt")) >= 0.95
