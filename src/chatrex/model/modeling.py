@@ -245,11 +245,7 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel, GenerationMixin):
 
         embed = self.get_input_embeddings()
         text = embed(input_ids.masked_fill(~is_text, 0))  # (B, L, hidden); sentinel rows are overwritten
-        width = torch.where(is_img, tokens, 1)  # slots each input position takes in the merged row
-        lengths = width.sum(1)
-        merged = int(lengths.max())
-        # (B, L): first merged slot of every input position, rows shifted right = left padding.
-        start = (merged - lengths).unsqueeze(1) + width.cumsum(1) - width
+        start, merged = merged_slots(input_ids, tokens)
         rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, length)
 
         embeds = text.new_zeros(batch, merged, text.shape[-1])
@@ -377,6 +373,18 @@ def _fill_special_ids(kwargs: dict, tokenizer: Any) -> None:
     kwargs["generation_config"] = config
 
 
+def merged_slots(input_ids: torch.Tensor, image_tokens: int) -> tuple[torch.Tensor, int]:
+    """Where each input position lands once the image sentinel (-200) becomes `image_tokens` embeddings.
+
+    input_ids (B, L) -> (start (B, L): the first merged slot of every input position, rows shifted right so
+    shorter rows are left padded; merged length E). Object sentinels and text take one slot each.
+    """
+    width = torch.where(input_ids == IMAGE_TOKEN_INDEX, image_tokens, 1)
+    lengths = width.sum(1)
+    merged = int(lengths.max())
+    return (merged - lengths).unsqueeze(1) + width.cumsum(1) - width, merged
+
+
 def decode_answer(tokenizer: Any, ids: Sequence[int]) -> str:
     """New ids -> answer text: cut at the first EOS, keep special tokens (no spaces around them), strip."""
     eos = tokenizer.eos_token_id
@@ -394,4 +402,4 @@ def decode_answer(tokenizer: Any, ids: Sequence[int]) -> str:
     return text
 
 
-__all__ = ["ChatRexForConditionalGeneration", "ChatRexPreTrainedModel", "decode_answer"]
+__all__ = ["ChatRexForConditionalGeneration", "ChatRexPreTrainedModel", "decode_answer", "merged_slots"]

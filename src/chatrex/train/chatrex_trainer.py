@@ -37,6 +37,12 @@ from torch import nn
 
 from chatrex.errors import ConfigError
 from chatrex.model.constants import IGNORE_INDEX
+from chatrex.train.binding import (
+    attention_supervision_loss,
+    binding_attention_targets,
+    object_token_ids,
+    orthogonal_attention_init,
+)
 from chatrex.train.chatrex_data import curriculum, draw_tasks, encode_samples, region_scene, scene_samples
 from chatrex.train.common import (
     ProgressBar,
@@ -95,7 +101,10 @@ class ChatRexTrainConfig(TrainConfigBase):
     towers and projectors (Adam's random-walk growth of the projectors at the LLM's LR was measured to
     blow object features up to norm ~200 with little colour information left). jitter: max GT box
     jitter in px (drawn per scene in [0, jitter]). max_distractors: cap on random distractor boxes
-    (None: the data default). ckpt_every / eval_every: steps between checkpoints / quick evaluations
+    (None: the data default). attention_init: None, or "orth" (orthogonal LLM v_proj / o_proj,
+    `chatrex.train.binding`). attention_supervision: weight of the binding attention loss (0 = off; > 0 runs the
+    LLM with eager attention in training: layer 0 head 0 object slot -> its <objK>, layer 1 head 0 answer -> the
+    slot of the box it names). ckpt_every / eval_every: steps between checkpoints / quick evaluations
     (0 = off); eval_scenes: held-out scenes per quick evaluation.
     """
 
@@ -124,6 +133,8 @@ class ChatRexTrainConfig(TrainConfigBase):
     text_warmup_steps: int = 0
     curriculum_steps: int = 0
     vision_lr_scale: float = 1.0
+    attention_init: str | None = None
+    attention_supervision: float = 0.0
     paraphrase_prob: float = 1.0
     jitter: float = 3.0
     max_distractors: int | None = None
@@ -153,6 +164,10 @@ class ChatRexTrainConfig(TrainConfigBase):
                 raise ConfigError(f"task_weights: unknown tasks {unknown} or no positive weight; tasks: {ALL_TASKS}")
         if self.renderer not in ("default", "randomized"):
             raise ConfigError(f"renderer must be 'default' or 'randomized', got {self.renderer!r}")
+        if self.attention_init not in (None, "orth"):
+            raise ConfigError(f"attention_init must be null or 'orth', got {self.attention_init!r}")
+        if float(self.attention_supervision) < 0:
+            raise ConfigError(f"attention_supervision must be >= 0, got {self.attention_supervision}")
         if self.lora is not None and int(self.lora.get("r", 0)) < 1:
             raise ConfigError(f"lora needs r >= 1, got {self.lora!r}")
 
@@ -216,7 +231,11 @@ def build_model(config: ChatRexTrainConfig, tokenizer: Any) -> nn.Module:
     if config.embed_init_std is not None:
         with torch.no_grad():
             model.get_input_embeddings().weight.normal_(0.0, float(config.embed_init_std))
+    if config.attention_init == "orth":
+        orthogonal_attention_init(model)
     extend_vocab(model, len(tokenizer))
+    if config.attention_supervision > 0:  # attention probabilities are only returned by eager attention
+        model.set_attn_implementation("eager")
     return model
 
 
@@ -326,9 +345,11 @@ def encode_for_training(model: nn.Module, pixel_values: torch.Tensor, pixel_valu
     return model.mm_projector(fused.to(model.mm_projector[0].weight.dtype)), maps
 
 
-def batch_loss(model: nn.Module, batch: dict[str, Any], hide_vision: bool = False) -> torch.Tensor:
+def batch_loss(model: nn.Module, batch: dict[str, Any], hide_vision: bool = False,
+               binding: tuple[float, Sequence[int]] | None = None) -> torch.Tensor:
     """Mean next-token loss over the answer tokens of a one-image batch; the image is encoded once,
-    and the boxes once when every row has the same box set (the usual case: `make_samples` shares them)."""
+    and the boxes once when every row has the same box set (the usual case: `make_samples` shares them).
+    binding: (weight, <objK> token ids) adds `weight` x the binding attention loss (`chatrex.train.binding`)."""
     device = model.get_input_embeddings().weight.device
     image, objects = None, None
     if "pixel_values" in batch:  # else a text-only batch (`encode_samples(text_only=True)`)
@@ -344,14 +365,19 @@ def batch_loss(model: nn.Module, batch: dict[str, Any], hide_vision: bool = Fals
     # Rows are left padded, so every answer sits at the end of its row (in the merged sequence too):
     # only the last `keep` positions need logits (the lm_head over the image tokens is wasted work).
     keep = int((labels != IGNORE_INDEX).sum(1).max()) + 1
+    supervise = binding is not None and binding[0] > 0 and image is not None
     out = model(
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-        image_features=image, object_features=objects, logits_to_keep=keep,
+        image_features=image, object_features=objects, logits_to_keep=keep, output_attentions=supervise,
     )
     logits = out.logits[:, :-1].float()  # position t predicts token t + 1
     target = labels[:, -keep:][:, 1:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                              ignore_index=IGNORE_INDEX)
+    if supervise:
+        targets = binding_attention_targets(batch["input_ids"], batch["labels"], image.shape[1], binding[1])
+        loss = loss + binding[0] * attention_supervision_loss(out.attentions, targets)
+    return loss
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -419,13 +445,14 @@ def _train_step(model, processor, config, step: int, optimizer, scheduler, head=
     if head is not None:
         return _region_step(model, head, processor, config, step, optimizer, scheduler)
     text_only = bool(config.stage_at(step)[2].get("text_only"))
+    binding = (float(config.attention_supervision), object_token_ids(processor.tokenizer)) if config.attention_supervision > 0 else None
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total, rows = 0.0, 0
     for micro in range(config.images_per_step):
         batch = encode_samples(processor, scene_samples(config, step, micro), text_only=text_only)
         with autocast_context("cpu" if not torch.cuda.is_available() else "cuda", "bf16" if config.bf16 else None):
-            loss = batch_loss(model, batch, hide_vision=step < config.text_warmup_steps)
+            loss = batch_loss(model, batch, hide_vision=step < config.text_warmup_steps, binding=binding)
         (loss / config.images_per_step).backward()
         total += float(loss.detach()) / config.images_per_step
         rows += int(batch["input_ids"].shape[0])

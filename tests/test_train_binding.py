@@ -1,0 +1,118 @@
+"""Binding aids of the ChatRex trainer (`chatrex.train.binding`): attention targets in merged positions,
+the supervision loss, orthogonal attention init, and the trainer switches that use them."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from chatrex.model.constants import IMAGE_TOKEN_INDEX, OBJECT_TOKEN_INDEX
+from chatrex.train import chatrex_trainer as T
+from chatrex.train.binding import attention_supervision_loss, binding_attention_targets, object_token_ids
+from chatrex.train.tokenizer import prompt_corpus, train_tokenizer
+
+torch.set_num_threads(1)
+
+TWO_LAYERS = {
+    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                    "num_attention_heads": 2, "num_key_value_heads": 1},
+    "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+    "convnext_dims": [4, 8, 8, 16],
+    "convnext_depths": [1, 1, 1, 1],
+}
+
+
+def config(**changes) -> T.ChatRexTrainConfig:
+    base = dict(model="tiny", model_overrides=TWO_LAYERS, tokenizer_scenes=3, tokenizer_vocab_size=300,
+                stages=({"stage": 2, "steps": 3, "lr": 2e-3},), questions_per_image=4, warmup=1, ckpt_every=0,
+                log_every=1000, seed=5, task_weights={"detect": 1.0, "detect_multi": 1.0})
+    base.update(changes)
+    return T.ChatRexTrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from chatrex.model.processing import ChatRexProcessor
+
+    tokenizer = train_tokenizer(prompt_corpus(), 300)
+    cfg = config(attention_supervision=1.0, attention_init="orth")
+    model = T.build_model(cfg, tokenizer)
+    processor = ChatRexProcessor(tokenizer, model.config)
+    batch = T.encode_samples(processor, T.scene_samples(cfg, 0, 0))
+    return cfg, model, processor, batch
+
+
+def _merged_ids(input_ids: torch.Tensor, image_tokens: int) -> list[list[int]]:
+    """The merged sequence as ids (image slots = -200), left padded with -1, built independently of the model."""
+    rows = []
+    for row in input_ids.tolist():
+        out = []
+        for t in row:
+            out += [t] * (image_tokens if t == IMAGE_TOKEN_INDEX else 1)
+        rows.append(out)
+    width = max(len(r) for r in rows)
+    return [[-1] * (width - len(r)) + r for r in rows]
+
+
+def test_targets_point_at_index_tokens_and_at_the_named_slots(setup):
+    _, model, processor, batch = setup
+    with torch.no_grad():
+        image_tokens = model.encode_images(batch["pixel_values"], batch["pixel_values_aux"])[0].shape[1]
+    object_ids = object_token_ids(processor.tokenizer)
+    targets = binding_attention_targets(batch["input_ids"], batch["labels"], image_tokens, object_ids)
+    merged = _merged_ids(batch["input_ids"], image_tokens)
+    # every object slot looks one back, at the <objK> token of its own index
+    assert len(targets["previous"]) == int((batch["input_ids"] == OBJECT_TOKEN_INDEX).sum())
+    for b, q, k in targets["previous"].tolist():
+        assert merged[b][q] == OBJECT_TOKEN_INDEX and k == q - 1
+        slots = [i for i, t in enumerate(merged[b]) if t == OBJECT_TOKEN_INDEX]
+        assert merged[b][k] == object_ids[slots.index(q)]
+    # every answer position whose next token is <objK> looks at slot K of its row
+    named = [(b, p) for b, row in enumerate(batch["labels"].tolist()) for p, t in enumerate(row) if t in object_ids]
+    assert len(named) > 0 and len(targets["match"]) == len(named)
+    for b, q, k in targets["match"].tolist():
+        slots = [i for i, t in enumerate(merged[b]) if t == OBJECT_TOKEN_INDEX]
+        assert merged[b][k] == OBJECT_TOKEN_INDEX
+        assert merged[b][q + 1] == object_ids[slots.index(k)]
+
+
+def test_supervision_adds_a_positive_loss_that_trains_the_first_two_layers(setup):
+    _, model, processor, batch = setup
+    assert model.config.text_config._attn_implementation == "eager"
+    plain = T.batch_loss(model, batch)
+    model.zero_grad(set_to_none=True)
+    total = T.batch_loss(model, batch, binding=(1.0, object_token_ids(processor.tokenizer)))
+    assert total.item() > plain.item()
+    total.backward()
+    for layer in (0, 1):
+        assert model.model.layers[layer].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_supervision_loss_is_minus_log_of_the_target_probabilities():
+    attn = [torch.full((1, 2, 3, 3), 1 / 3), torch.zeros(1, 2, 3, 3)]
+    attn[1][0, 0, 2, 1] = 0.5
+    targets = {"previous": torch.tensor([[0, 1, 0]]), "match": torch.tensor([[0, 2, 1]])}
+    loss = attention_supervision_loss(attn, targets)
+    assert loss.item() == pytest.approx(-torch.tensor(1 / 3).log().item() - torch.tensor(0.5).log().item(), rel=1e-6)
+    empty = {"previous": torch.zeros(0, 3, dtype=torch.long), "match": torch.zeros(0, 3, dtype=torch.long)}
+    assert attention_supervision_loss(attn, empty).item() == 0.0
+
+
+def test_orthogonal_init_and_export_keep_the_default_attention(setup, tmp_path):
+    _, model, processor, _ = setup
+    v = model.model.layers[0].self_attn.v_proj.weight  # (kv width, hidden): orthonormal rows
+    torch.testing.assert_close(v @ v.T, torch.eye(v.shape[0]), atol=1e-5, rtol=0)
+    T.export_model(model, processor, tmp_path / "m")
+    assert "eager" not in json.dumps(json.loads((tmp_path / "m" / "config.json").read_text()))
+
+
+def test_training_with_the_binding_switches_runs_and_validates(tmp_path):
+    result = T.train_chatrex(config(attention_supervision=0.5, attention_init="orth"), tmp_path, stream=io.StringIO())
+    assert len(result["history"]) == 3 and all(torch.isfinite(torch.tensor(result["history"])))
+    with pytest.raises(Exception, match="attention_init"):
+        config(attention_init="xavier").validate()
+    with pytest.raises(Exception, match="attention_supervision"):
+        config(attention_supervision=-1.0).validate()
