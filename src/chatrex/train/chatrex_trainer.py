@@ -445,7 +445,9 @@ def _train_step(model, processor, config, step: int, optimizer, scheduler, head=
     if head is not None:
         return _region_step(model, head, processor, config, step, optimizer, scheduler)
     text_only = bool(config.stage_at(step)[2].get("text_only"))
-    binding = (float(config.attention_supervision), object_token_ids(processor.tokenizer)) if config.attention_supervision > 0 else None
+    binding = None
+    if config.attention_supervision > 0:
+        binding = (float(config.attention_supervision), object_token_ids(processor.tokenizer))
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total, rows = 0.0, 0
