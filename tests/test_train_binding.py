@@ -13,16 +13,11 @@ from chatrex.model.constants import IMAGE_TOKEN_INDEX, OBJECT_TOKEN_INDEX
 from chatrex.train import chatrex_trainer as T
 from chatrex.train.binding import attention_supervision_loss, binding_attention_targets, object_token_ids
 from chatrex.train.tokenizer import prompt_corpus, train_tokenizer
+from test_train_chatrex import SMALL  # the trainer tests' smallest model
 
 torch.set_num_threads(1)
 
-TWO_LAYERS = {
-    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                    "num_attention_heads": 2, "num_key_value_heads": 1},
-    "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
-    "convnext_dims": [4, 8, 8, 16],
-    "convnext_depths": [1, 1, 1, 1],
-}
+TWO_LAYERS = {**SMALL, "text_config": {**SMALL["text_config"], "num_hidden_layers": 2}}  # layer 1 is supervised
 
 
 def config(**changes) -> T.ChatRexTrainConfig:
