@@ -179,6 +179,34 @@ def test_101_sentinels_vs_100_boxes():
         model(input_ids=ids, gt_boxes=torch.cat([boxes, boxes[:, :1]], 1), **pixels)
 
 
+def test_index_in_object_slot_adds_the_preceding_token_embedding_to_each_slot():
+    torch.manual_seed(0)
+    plain = ChatRexForConditionalGeneration(ChatRexConfig.from_name("tiny")).eval()
+    assert plain.config.index_in_object_slot is False  # the official layout: slots hold the features only
+    indexed = ChatRexForConditionalGeneration(ChatRexConfig.from_name("tiny", index_in_object_slot=True)).eval()
+    indexed.load_state_dict(plain.state_dict())
+    assert ChatRexConfig.from_dict(indexed.config.to_dict()).index_in_object_slot is True
+    # two rows, left padded: [pad, bos, <img>, 7, obj, 9, obj, 4] and [bos, <img>, 8, obj, 4, 4, 4, 4];
+    # a slot right after the image sentinel gets nothing (no text token before it)
+    ids = torch.tensor([[0, 1, IMAGE_TOKEN_INDEX, 7, OBJECT_TOKEN_INDEX, 9, OBJECT_TOKEN_INDEX, 4],
+                        [1, IMAGE_TOKEN_INDEX, OBJECT_TOKEN_INDEX, 8, OBJECT_TOKEN_INDEX, 4, 4, 4]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1], [1] * 8])
+    hidden = plain.config.hidden_size
+    image = torch.randn(2, 3, hidden)
+    objects = [torch.randn(2, hidden), torch.randn(2, hidden)]
+    a = plain.prepare_inputs_embeds(ids, mask, image, objects)[0]
+    b = indexed.prepare_inputs_embeds(ids, mask, image, objects)[0]
+    table = plain.get_input_embeddings().weight
+    # merged positions: image (3 tokens) replaces one, so row 0 slots sit at 6 and 8, row 1 slots at 4 and 6
+    torch.testing.assert_close(b[0, 6] - a[0, 6], table[7])
+    torch.testing.assert_close(b[0, 8] - a[0, 8], table[9])
+    torch.testing.assert_close(b[1, 4], a[1, 4])
+    torch.testing.assert_close(b[1, 6] - a[1, 6], table[8])
+    other = torch.ones(b.shape[:2], dtype=torch.bool)
+    other[0, [6, 8]], other[1, [4, 6]] = False, False
+    torch.testing.assert_close(b[other], a[other])  # nothing else changes
+
+
 # ---------------------------------------------------------------------------------------------- training
 def test_labels_loss_and_backward(mllm_golden):
     model = ChatRexForConditionalGeneration.from_reference_state_dict(fixture_state_dict(), fixture_config()).train()

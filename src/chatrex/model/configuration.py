@@ -96,6 +96,10 @@ class ChatRexConfig(PretrainedConfig):
         vision_feature_layer: which CLIP hidden state feeds the projector (-2 = second to last).
         max_objects: most boxes per prompt (vocabulary has <obj0>..<obj{max_objects-1}>).
         chat_template: "vicuna", "chatml", or a format string containing "{input}".
+        index_in_object_slot: add the embedding of the token before each object slot (its `<objK>`) to the
+            slot's features. Off for the official models; the embedded tiny model uses it, because a small
+            from-scratch LLM does not learn the two-hop "find the box, read the index before it" in a CPU budget
+            (benchmarks/binding_toy.py), while with the index at the slot one content match suffices.
     """
 
     model_type = "chatrex"
@@ -114,6 +118,7 @@ class ChatRexConfig(PretrainedConfig):
         vision_feature_layer: int = -2,
         max_objects: int = MAX_OBJECTS,
         chat_template: str = "vicuna",
+        index_in_object_slot: bool = False,
         **kwargs: Any,
     ) -> None:
         if text_config is None and any(k in kwargs for k in _OFFICIAL_MARKERS):
@@ -137,6 +142,7 @@ class ChatRexConfig(PretrainedConfig):
         self.vision_feature_layer = int(vision_feature_layer)
         self.max_objects = int(max_objects)
         self.chat_template = chat_template
+        self.index_in_object_slot = bool(index_in_object_slot)
         for key in _DERIVED:
             kwargs.pop(key, None)
         # The top-level flag decides whether `lm_head.weight` is tied to the input embeddings.

@@ -252,6 +252,8 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel, GenerationMixin):
         embeds[rows[is_text], start[is_text]] = text[is_text]
         if objects:
             embeds[rows[is_obj], start[is_obj]] = torch.cat(objects).to(device=device, dtype=text.dtype)
+            if getattr(self.config, "index_in_object_slot", False):
+                self._add_index_to_slots(embeds, input_ids, is_obj, start, text)
         new_mask = mask.new_zeros(batch, merged)
         new_mask[rows[~is_img], start[~is_img]] = mask[~is_img]
         if bool(n_img.any()):
@@ -268,6 +270,20 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel, GenerationMixin):
             keep = is_text & mask.bool()
             new_labels[rows[keep], start[keep]] = labels.to(device)[keep]
         return embeds, new_mask, position_ids, new_labels
+
+    @staticmethod
+    def _add_index_to_slots(embeds: torch.Tensor, input_ids: torch.Tensor, is_obj: torch.Tensor,
+                            start: torch.Tensor, text: torch.Tensor) -> None:
+        """config.index_in_object_slot: slot += embedding of the text token just before it (its `<objK>`).
+
+        embeds (B, E, hidden) merged, in place; is_obj / start / text (B, L[, hidden]) in input positions.
+        A slot at the start of a row or after another sentinel gets nothing added.
+        """
+        rows, cols = torch.nonzero(is_obj, as_tuple=True)
+        prev = (cols - 1).clamp(min=0)
+        ok = (cols > 0) & (input_ids[rows, prev] >= 0)
+        rows, cols, prev = rows[ok], cols[ok], prev[ok]
+        embeds[rows, start[rows, cols]] = embeds[rows, start[rows, cols]] + text[rows, prev]
 
     # ------------------------------------------------------------------ forward / generate
     def forward(
