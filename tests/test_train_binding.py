@@ -111,3 +111,65 @@ def test_training_with_the_binding_switches_runs_and_validates(tmp_path):
         config(attention_init="xavier").validate()
     with pytest.raises(Exception, match="attention_supervision"):
         config(attention_supervision=-1.0).validate()
+
+
+def test_gather_targets_point_from_each_named_index_to_its_grounded_phrase(setup):
+    _, model, processor, batch = setup
+    with torch.no_grad():
+        image_tokens = model.encode_images(batch["pixel_values"], batch["pixel_values_aux"])[0].shape[1]
+    tok = processor.tokenizer
+    ground = tuple(tok.convert_tokens_to_ids(["<ground>", "</ground>"]))
+    object_ids = object_token_ids(tok)
+    targets = binding_attention_targets(batch["input_ids"], batch["labels"], image_tokens, object_ids, ground)
+    merged = _merged_ids(batch["input_ids"], image_tokens)
+    gather = targets["gather"].tolist()
+    assert len(gather) > 0
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for b, q, k, g in gather:
+        groups.setdefault(g, []).append((b, q, k))
+    assert sorted(groups) == list(range(len(groups)))  # groups are numbered 0..n-1
+    assert len(groups) == len(targets["match"])  # every detection answer here has a phrase before its indices
+    for members in groups.values():
+        (b, q), keys = members[0][:2], [k for _, _, k in members]
+        assert all((m[0], m[1]) == (b, q) for m in members)
+        assert merged[b][q + 1] in object_ids
+        # the keys are exactly the tokens strictly between the last <ground> and </ground> before q
+        end = max(i for i in range(q + 1) if merged[b][i] == ground[1])
+        begin = max(i for i in range(end) if merged[b][i] == ground[0])
+        assert keys == list(range(begin + 1, end))
+    # the phrase is the category the question asked: decode one
+    b, q, _ = groups[0][0]
+    words = tok.decode([merged[b][k] for _, _, k in groups[0]])
+    assert words.strip() and words.strip() in tok.decode(batch["input_ids"][b][batch["labels"][b] < 0].clamp(min=0))
+
+
+def test_gather_loss_is_minus_log_of_the_attention_on_the_whole_phrase():
+    attn = [torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)]
+    attn[0][0, 0, 3, 1], attn[0][0, 0, 3, 2] = 0.2, 0.3  # query 3 puts 0.5 on its phrase (keys 1, 2)
+    attn[1][0, 0, 3, 0] = 0.25
+    targets = {"gather": torch.tensor([[0, 3, 1, 0], [0, 3, 2, 0]]), "match": torch.tensor([[0, 3, 0]]),
+               "previous": torch.tensor([[0, 1, 0]])}  # ignored when "gather" is given
+    loss = attention_supervision_loss(attn, targets)
+    assert loss.item() == pytest.approx(-torch.tensor(0.5).log().item() - torch.tensor(0.25).log().item(), rel=1e-6)
+
+
+def test_copy_and_match_inits_make_heads_copiers_and_content_matchers():
+    from chatrex.train.binding import copy_attention_init, match_attention_init
+
+    cfg = config(model_overrides={**TWO_LAYERS, "text_config": {**TWO_LAYERS["text_config"],
+                                                                "num_attention_heads": 4, "num_key_value_heads": 2}})
+    model = T.build_model(cfg, train_tokenizer(prompt_corpus(), 300))
+    copy_attention_init(model)
+    attn = model.model.layers[1].self_attn
+    hd = attn.head_dim
+    for h in range(4):  # head h reads kv head h // 2; its value -> output map is V^T V / 2, symmetric PSD
+        v = attn.v_proj.weight[(h // 2) * hd:(h // 2 + 1) * hd]
+        ov = attn.o_proj.weight[:, h * hd:(h + 1) * hd] @ v
+        torch.testing.assert_close(ov, v.T @ v / 2, atol=1e-6, rtol=0)
+        assert torch.linalg.eigvalsh(ov).min() > -1e-5
+    match_attention_init(model, gain=3.0)
+    for h in range(4):
+        k = attn.k_proj.weight[(h // 2) * hd:(h // 2 + 1) * hd]
+        torch.testing.assert_close(attn.q_proj.weight[h * hd:(h + 1) * hd], 3.0 * k)
+    config(attention_init="match").validate()
+    config(attention_init="copy").validate()

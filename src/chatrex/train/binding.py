@@ -35,6 +35,46 @@ def orthogonal_attention_init(model: nn.Module) -> None:
         nn.init.orthogonal_(layer.self_attn.o_proj.weight)
 
 
+@torch.no_grad()
+def copy_attention_init(model: nn.Module) -> None:
+    """Make every attention head a copier at init: o_proj's head-h block = v_proj's block for h, transposed.
+
+    Then W_O^h W_V^h = V^T V, a projection onto the head's value space, so a head that attends to a position
+    adds (a projection of) that position's embedding to the residual stream; with tied embeddings the copied
+    `<objK>` raises the `<objK>` logit from step one. v_proj rows are drawn orthonormal; with grouped-query
+    attention the heads sharing a kv head split its output (scale 1 / heads-per-kv).
+    """
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        nn.init.orthogonal_(attn.v_proj.weight)
+        hd = attn.head_dim
+        n_heads = attn.o_proj.weight.shape[1] // hd
+        n_kv = attn.v_proj.weight.shape[0] // hd
+        group = n_heads // n_kv
+        for h in range(n_heads):
+            v = attn.v_proj.weight[(h // group) * hd:(h // group + 1) * hd]  # (hd, hidden)
+            attn.o_proj.weight[:, h * hd:(h + 1) * hd] = v.T / group
+
+
+@torch.no_grad()
+def match_attention_init(model: nn.Module, gain: float = 4.0) -> None:
+    """`copy_attention_init`, plus q_proj^h = k_proj^h (times `gain`): every head starts as a content matcher.
+
+    q.k = gain * |W x|^2-like for positions holding the same direction, so a head attends to the positions whose
+    embedding resembles its own from step one (before RoPE; slow rotary frequencies keep it at distance).
+    """
+    copy_attention_init(model)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        nn.init.orthogonal_(attn.k_proj.weight)
+        hd = attn.head_dim
+        n_heads = attn.q_proj.weight.shape[0] // hd
+        group = n_heads // (attn.k_proj.weight.shape[0] // hd)
+        for h in range(n_heads):
+            k = attn.k_proj.weight[(h // group) * hd:(h // group + 1) * hd]
+            attn.q_proj.weight[h * hd:(h + 1) * hd] = k * gain
+
+
 def object_token_ids(tokenizer) -> list[int]:  # noqa: ANN001 - a tokenizers/transformers tokenizer
     """Token ids of `<obj0>` ... `<obj99>`, in index order."""
     from chatrex.constants import MAX_OBJECTS, object_token
@@ -43,14 +83,19 @@ def object_token_ids(tokenizer) -> list[int]:  # noqa: ANN001 - a tokenizers/tra
 
 
 def binding_attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, image_tokens: int,
-                              object_ids: Sequence[int]) -> dict[str, torch.Tensor]:
+                              object_ids: Sequence[int], ground_ids: tuple[int, int] | None = None
+                              ) -> dict[str, torch.Tensor]:
     """Attention targets of one batch, in merged-sequence positions (after the image sentinel's expansion).
 
     input_ids / labels (B, L) as `encode_samples` makes them (left padded; labels IGNORE_INDEX but the answer);
-    object_ids[k] = the token id of `<objk>`. Returns int64 tensors (N, 3) of (row, query, key):
+    object_ids[k] = the token id of `<objk>`; ground_ids = the ids of (`<ground>`, `</ground>`).
+    Returns int64 tensors (N, 3) of (row, query, key):
     "previous": each object slot (-300) -> the position before it (its `<objK>` token);
     "match": each position whose next label is `<objK>` -> the K-th object slot of its row (pairs whose row
-    has fewer than K + 1 slots are dropped).
+    has fewer than K + 1 slots are dropped);
+    "gather" (N, 4) of (row, query, key, group), with ground_ids only: each such position -> every token of
+    the last `<ground>` ... `</ground>` phrase before it (group numbers the query positions; the loss is on the
+    attention summed over a group's keys).
     """
     from chatrex.model.modeling import merged_slots
 
@@ -60,32 +105,54 @@ def binding_attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, ima
     slot = start[rows, cols]
     previous = torch.stack([rows, slot, slot - 1], 1)
     index_of = {int(t): k for k, t in enumerate(object_ids)}
-    match = []
+    match, gather = [], []
     for b in range(input_ids.shape[0]):
         slots = start[b][is_obj[b]]  # merged positions of this row's object slots, in box order
+        ids = input_ids[b].tolist()
+        phrase: tuple[int, int] | None = None  # input positions (first, last) of the last closed phrase
+        opened = None
         for p in range(1, input_ids.shape[1]):
+            if ground_ids is not None:
+                if ids[p - 1] == ground_ids[0]:
+                    opened = p - 1
+                elif ids[p - 1] == ground_ids[1] and opened is not None and p - 2 > opened:
+                    phrase, opened = (opened + 1, p - 2), None
             k = index_of.get(int(labels[b, p]))
-            if k is not None and k < slots.numel():
-                match.append((b, int(start[b, p - 1]), int(slots[k])))
-    match_t = torch.tensor(match, dtype=torch.long).reshape(-1, 3)
-    return {"previous": previous, "match": match_t}
+            if k is None or k >= slots.numel():
+                continue
+            query = int(start[b, p - 1])
+            match.append((b, query, int(slots[k])))
+            if phrase is not None:
+                gather.extend((b, query, int(start[b, q]), -1) for q in range(phrase[0], phrase[1] + 1))
+    gather_t = torch.tensor(gather, dtype=torch.long).reshape(-1, 4)
+    if gather_t.numel():
+        _, gather_t[:, 3] = torch.unique(gather_t[:, 0] * (1 << 32) + gather_t[:, 1], return_inverse=True)
+    out = {"previous": previous, "match": torch.tensor(match, dtype=torch.long).reshape(-1, 3)}
+    if ground_ids is not None:
+        out["gather"] = gather_t
+    return out
 
 
 def attention_supervision_loss(attentions: Sequence[torch.Tensor], targets: dict[str, torch.Tensor],
                                head: int = 0) -> torch.Tensor:
-    """Mean -log p over the targets: "previous" on layer 0, "match" on layer 1, both on `head`.
+    """Mean -log p over the targets: layer 0 "gather" when present (else "previous"), layer 1 "match"; on `head`.
 
     attentions: the LLM's per-layer probabilities (B, H, E, E) (`output_attentions=True`, eager attention).
+    For "gather", p is the attention a query position puts on its whole phrase.
     """
     terms = []
-    for layer, name in ((0, "previous"), (1, "match")):
+    first = "gather" if "gather" in targets else "previous"
+    for layer, name in ((0, first), (1, "match")):
         t = targets[name].to(attentions[layer].device)
-        if t.numel():
-            p = attentions[layer][t[:, 0], head, t[:, 1], t[:, 2]].float()
-            terms.append(-p.clamp_min(1e-6).log().mean())
+        if not t.numel():
+            continue
+        p = attentions[layer][t[:, 0], head, t[:, 1], t[:, 2]].float()
+        if name == "gather":
+            p = p.new_zeros(int(t[:, 3].max()) + 1).index_add(0, t[:, 3], p)
+        terms.append(-p.clamp_min(1e-6).log().mean())
     if not terms:
         return attentions[0].new_zeros(()).float()
     return torch.stack(terms).sum()
 
 
-__all__ = ["attention_supervision_loss", "binding_attention_targets", "object_token_ids", "orthogonal_attention_init"]
+__all__ = ["attention_supervision_loss", "binding_attention_targets", "copy_attention_init", "match_attention_init", "object_token_ids", "orthogonal_attention_init"]

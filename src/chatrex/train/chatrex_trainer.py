@@ -37,9 +37,12 @@ from torch import nn
 
 from chatrex.errors import ConfigError
 from chatrex.model.constants import IGNORE_INDEX
+from chatrex.constants import GROUND_END, GROUND_START
 from chatrex.train.binding import (
     attention_supervision_loss,
     binding_attention_targets,
+    copy_attention_init,
+    match_attention_init,
     object_token_ids,
     orthogonal_attention_init,
 )
@@ -58,6 +61,7 @@ from chatrex.train.region_pretrain import REGION_PREFIXES, RegionHead, category_
 
 VISION_PREFIXES = ("vision_tower.", "vision_tower_aux.", "mm_projector.", "mm_object_projector.")
 TOWER_PREFIXES = ("vision_tower.", "vision_tower_aux.")
+ATTENTION_INITS = {"orth": orthogonal_attention_init, "copy": copy_attention_init, "match": match_attention_init}
 STAGE1_PREFIXES = ("mm_projector.", "mm_object_projector.", "model.embed_tokens.", "lm_head.")
 DEFAULT_TASK_WEIGHTS = {
     "detect": 0.2, "detect_multi": 0.08, "detect_absent": 0.06, "refer": 0.2, "region_category": 0.2,
@@ -101,10 +105,12 @@ class ChatRexTrainConfig(TrainConfigBase):
     towers and projectors (Adam's random-walk growth of the projectors at the LLM's LR was measured to
     blow object features up to norm ~200 with little colour information left). jitter: max GT box
     jitter in px (drawn per scene in [0, jitter]). max_distractors: cap on random distractor boxes
-    (None: the data default). attention_init: None, or "orth" (orthogonal LLM v_proj / o_proj,
-    `chatrex.train.binding`). attention_supervision: weight of the binding attention loss (0 = off; > 0 runs the
-    LLM with eager attention in training: layer 0 head 0 object slot -> its <objK>, layer 1 head 0 answer -> the
-    slot of the box it names). ckpt_every / eval_every: steps between checkpoints / quick evaluations
+    (None: the data default). attention_init: None, "orth" (orthogonal LLM v_proj / o_proj), "copy" (every head
+    copies what it attends to) or "match" (copy, and q_proj = k_proj: every head starts as a content matcher);
+    see `chatrex.train.binding`. attention_supervision: weight of the binding attention loss (0 = off; > 0 runs
+    the LLM with eager attention in training: layer 0 head 0 object slot -> its <objK>, or, with the model's
+    index_in_object_slot, the position that predicts <objK> -> its grounded phrase; layer 1 head 0 that
+    position -> the slot of the box it names). ckpt_every / eval_every: steps between checkpoints / quick evaluations
     (0 = off); eval_scenes: held-out scenes per quick evaluation.
     """
 
@@ -164,8 +170,9 @@ class ChatRexTrainConfig(TrainConfigBase):
                 raise ConfigError(f"task_weights: unknown tasks {unknown} or no positive weight; tasks: {ALL_TASKS}")
         if self.renderer not in ("default", "randomized"):
             raise ConfigError(f"renderer must be 'default' or 'randomized', got {self.renderer!r}")
-        if self.attention_init not in (None, "orth"):
-            raise ConfigError(f"attention_init must be null or 'orth', got {self.attention_init!r}")
+        if self.attention_init is not None and self.attention_init not in ATTENTION_INITS:
+            raise ConfigError(f"attention_init must be null or one of {sorted(ATTENTION_INITS)}, "
+                              f"got {self.attention_init!r}")
         if float(self.attention_supervision) < 0:
             raise ConfigError(f"attention_supervision must be >= 0, got {self.attention_supervision}")
         if self.lora is not None and int(self.lora.get("r", 0)) < 1:
@@ -231,8 +238,8 @@ def build_model(config: ChatRexTrainConfig, tokenizer: Any) -> nn.Module:
     if config.embed_init_std is not None:
         with torch.no_grad():
             model.get_input_embeddings().weight.normal_(0.0, float(config.embed_init_std))
-    if config.attention_init == "orth":
-        orthogonal_attention_init(model)
+    if config.attention_init is not None:
+        ATTENTION_INITS[config.attention_init](model)
     extend_vocab(model, len(tokenizer))
     if config.attention_supervision > 0:  # attention probabilities are only returned by eager attention
         model.set_attn_implementation("eager")
@@ -349,7 +356,8 @@ def batch_loss(model: nn.Module, batch: dict[str, Any], hide_vision: bool = Fals
                binding: tuple[float, Sequence[int]] | None = None) -> torch.Tensor:
     """Mean next-token loss over the answer tokens of a one-image batch; the image is encoded once,
     and the boxes once when every row has the same box set (the usual case: `make_samples` shares them).
-    binding: (weight, <objK> token ids) adds `weight` x the binding attention loss (`chatrex.train.binding`)."""
+    binding: (weight, <objK> token ids[, (<ground>, </ground>) ids]) adds `weight` x the binding attention loss
+    (`chatrex.train.binding`; with the ground ids layer 0 is supervised to gather the phrase)."""
     device = model.get_input_embeddings().weight.device
     image, objects = None, None
     if "pixel_values" in batch:  # else a text-only batch (`encode_samples(text_only=True)`)
@@ -375,7 +383,8 @@ def batch_loss(model: nn.Module, batch: dict[str, Any], hide_vision: bool = Fals
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                              ignore_index=IGNORE_INDEX)
     if supervise:
-        targets = binding_attention_targets(batch["input_ids"], batch["labels"], image.shape[1], binding[1])
+        targets = binding_attention_targets(batch["input_ids"], batch["labels"], image.shape[1], binding[1],
+                                            binding[2] if len(binding) > 2 else None)
         loss = loss + binding[0] * attention_supervision_loss(out.attentions, targets)
     return loss
 
@@ -448,6 +457,8 @@ def _train_step(model, processor, config, step: int, optimizer, scheduler, head=
     binding = None
     if config.attention_supervision > 0:
         binding = (float(config.attention_supervision), object_token_ids(processor.tokenizer))
+        if getattr(model.config, "index_in_object_slot", False):  # the index is at the slot: supervise the phrase
+            binding = binding + (tuple(processor.tokenizer.convert_tokens_to_ids([GROUND_START, GROUND_END])),)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total, rows = 0.0, 0
