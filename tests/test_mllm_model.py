@@ -197,11 +197,15 @@ def test_index_in_object_slot_adds_the_preceding_token_embedding_to_each_slot():
     a = plain.prepare_inputs_embeds(ids, mask, image, objects)[0]
     b = indexed.prepare_inputs_embeds(ids, mask, image, objects)[0]
     table = plain.get_input_embeddings().weight
+
+    def indexed_slot(feature, token):  # the feature + the token's embedding scaled to the feature's norm
+        return feature + table[token] * feature.norm() / table[token].norm()
+
     # merged positions: image (3 tokens) replaces one, so row 0 slots sit at 6 and 8, row 1 slots at 4 and 6
-    torch.testing.assert_close(b[0, 6] - a[0, 6], table[7])
-    torch.testing.assert_close(b[0, 8] - a[0, 8], table[9])
+    torch.testing.assert_close(b[0, 6], indexed_slot(objects[0][0], 7))
+    torch.testing.assert_close(b[0, 8], indexed_slot(objects[0][1], 9))
     torch.testing.assert_close(b[1, 4], a[1, 4])
-    torch.testing.assert_close(b[1, 6] - a[1, 6], table[8])
+    torch.testing.assert_close(b[1, 6], indexed_slot(objects[1][1], 8))
     other = torch.ones(b.shape[:2], dtype=torch.bool)
     other[0, [6, 8]], other[1, [4, 6]] = False, False
     torch.testing.assert_close(b[other], a[other])  # nothing else changes

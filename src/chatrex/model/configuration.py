@@ -96,8 +96,8 @@ class ChatRexConfig(PretrainedConfig):
         vision_feature_layer: which CLIP hidden state feeds the projector (-2 = second to last).
         max_objects: most boxes per prompt (vocabulary has <obj0>..<obj{max_objects-1}>).
         chat_template: "vicuna", "chatml", or a format string containing "{input}".
-        index_in_object_slot: add the embedding of the token before each object slot (its `<objK>`) to the
-            slot's features. Off for the official models; the embedded tiny model uses it, because a small
+        index_in_object_slot: add the embedding of the token before each object slot (its `<objK>`),
+            rescaled to the slot's norm, to the slot's features. Off for the official models; the embedded tiny model uses it, because a small
             from-scratch LLM does not learn the two-hop "find the box, read the index before it" in a CPU budget
             (benchmarks/binding_toy.py), while with the index at the slot one content match suffices.
     """

@@ -274,7 +274,9 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel, GenerationMixin):
     @staticmethod
     def _add_index_to_slots(embeds: torch.Tensor, input_ids: torch.Tensor, is_obj: torch.Tensor,
                             start: torch.Tensor, text: torch.Tensor) -> None:
-        """config.index_in_object_slot: slot += embedding of the text token just before it (its `<objK>`).
+        """config.index_in_object_slot: slot += embedding of the text token just before it (its `<objK>`),
+        rescaled to the slot's own norm, so the index is as loud as the features (object features were
+        measured at ~10x the norm of a token embedding, which drowned the index).
 
         embeds (B, E, hidden) merged, in place; is_obj / start / text (B, L[, hidden]) in input positions.
         A slot at the start of a row or after another sentinel gets nothing added.
@@ -283,7 +285,9 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel, GenerationMixin):
         prev = (cols - 1).clamp(min=0)
         ok = (cols > 0) & (input_ids[rows, prev] >= 0)
         rows, cols, prev = rows[ok], cols[ok], prev[ok]
-        embeds[rows, start[rows, cols]] = embeds[rows, start[rows, cols]] + text[rows, prev]
+        feats, index = embeds[rows, start[rows, cols]], text[rows, prev]  # (n, hidden) each
+        scale = feats.norm(dim=-1, keepdim=True) / index.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        embeds[rows, start[rows, cols]] = feats + index * scale
 
     # ------------------------------------------------------------------ forward / generate
     def forward(
