@@ -173,3 +173,34 @@ def test_copy_and_match_inits_make_heads_copiers_and_content_matchers():
         torch.testing.assert_close(attn.q_proj.weight[h * hd:(h + 1) * hd], 3.0 * k)
     config(attention_init="match").validate()
     config(attention_init="copy").validate()
+
+
+def test_region_answers_read_the_named_slot_and_gather_the_question_index(setup):
+    _, model, processor, _ = setup
+    cfg = config(task_weights={"region_category": 1.0})
+    batch = T.encode_samples(processor, T.scene_samples(cfg, 0, 0))
+    with torch.no_grad():
+        image_tokens = model.encode_images(batch["pixel_values"], batch["pixel_values_aux"])[0].shape[1]
+    tok = processor.tokenizer
+    ground = tuple(tok.convert_tokens_to_ids(["<ground>", "</ground>"]))
+    object_ids = object_token_ids(tok)
+    targets = binding_attention_targets(batch["input_ids"], batch["labels"], image_tokens, object_ids, ground)
+    merged = _merged_ids(batch["input_ids"], image_tokens)
+    slot_of = {}  # (row, merged slot position) -> box index
+    for b, row in enumerate(merged):
+        slots = [i for i, t in enumerate(row) if t == OBJECT_TOKEN_INDEX]
+        slot_of.update({(b, s): k for k, s in enumerate(slots)})
+    gathered: dict[tuple[int, int], list[int]] = {}
+    for b, q, key, _ in targets["gather"].tolist():
+        gathered.setdefault((b, q), []).append(key)
+    phrase_rows = 0
+    for b, q, key in targets["match"].tolist():
+        if merged[b][q + 1] in object_ids:  # the <objK> after the phrase: gathers the phrase (tested above)
+            continue
+        (named,) = gathered[(b, q)]  # a position that predicts the phrase gathers one token: the question's <objK>
+        k = slot_of[(b, key)]
+        assert merged[b][named] == object_ids[k] and merged[b][named + 1] != OBJECT_TOKEN_INDEX
+        answer = merged[b][q + 1:]
+        assert ground[1] in answer and answer[answer.index(ground[1]) + 2] == object_ids[k]  # the answer names K
+        phrase_rows += merged[b][q] == ground[0]
+    assert phrase_rows == batch["input_ids"].shape[0]  # one region answer per row, each supervised

@@ -117,6 +117,8 @@ def binding_attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, ima
                     opened = p - 1
                 elif ids[p - 1] == ground_ids[1] and opened is not None and p - 2 > opened:
                     phrase, opened = (opened + 1, p - 2), None
+            if ground_ids is not None and int(labels[b, p]) == ground_ids[0]:
+                _region_targets(b, p, ids, labels[b].tolist(), start[b], slots, index_of, ground_ids, match, gather)
             k = index_of.get(int(labels[b, p]))
             if k is None or k >= slots.numel():
                 continue
@@ -131,6 +133,28 @@ def binding_attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, ima
     if ground_ids is not None:
         out["gather"] = gather_t
     return out
+
+
+def _region_targets(b: int, p: int, ids: list[int], labels: list[int], start: torch.Tensor, slots: torch.Tensor,
+                    index_of: dict[int, int], ground_ids: tuple[int, int], match: list, gather: list) -> None:
+    """Region answers: an answer `<ground>` phrase `</ground><objects><objK></objects>` (label at p = `<ground>`)
+    whose `<objK>` the question names (a text `<objK>` not followed by an object slot) is read from slot K. The
+    positions that predict the phrase and `</ground>` get "match" -> slot K and "gather" -> that question token."""
+    try:
+        end = labels.index(ground_ids[1], p)
+    except ValueError:
+        return
+    if end + 2 >= len(labels) or index_of.get(labels[end + 2]) is None:
+        return
+    k = index_of[labels[end + 2]]
+    named = [q for q in range(p) if labels[q] < 0 and index_of.get(ids[q]) == k
+             and (q + 1 >= len(ids) or ids[q + 1] != OBJECT_TOKEN_INDEX)]
+    if not named or k >= slots.numel():
+        return
+    for q in range(p, end):  # position q predicts token q + 1: the phrase tokens, then </ground>
+        query = int(start[q])
+        match.append((b, query, int(slots[k])))
+        gather.append((b, query, int(start[named[-1]]), -1))
 
 
 def attention_supervision_loss(attentions: Sequence[torch.Tensor], targets: dict[str, torch.Tensor],
