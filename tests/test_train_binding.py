@@ -204,3 +204,16 @@ def test_region_answers_read_the_named_slot_and_gather_the_question_index(setup)
         assert ground[1] in answer and answer[answer.index(ground[1]) + 2] == object_ids[k]  # the answer names K
         phrase_rows += merged[b][q] == ground[0]
     assert phrase_rows == batch["input_ids"].shape[0]  # one region answer per row, each supervised
+
+
+def test_supervised_layers_are_a_switch_checked_against_the_llm_depth():
+    attn = [torch.full((1, 1, 3, 3), 1 / 3), torch.full((1, 1, 3, 3), 1 / 3), torch.zeros(1, 1, 3, 3)]
+    attn[2][0, 0, 2, 1] = 0.5
+    targets = {"previous": torch.tensor([[0, 1, 0]]), "match": torch.tensor([[0, 2, 1]])}
+    loss = attention_supervision_loss(attn, targets, layers=(0, 2))  # "match" read from layer 2
+    assert loss.item() == pytest.approx(-torch.tensor(1 / 3).log().item() - torch.tensor(0.5).log().item(), rel=1e-6)
+    with pytest.raises(Exception, match="attention_supervision_layers"):
+        config(attention_supervision_layers=(0,)).validate()
+    with pytest.raises(Exception, match="below the LLM's 2"):
+        T.build_model(config(attention_supervision=1.0, attention_supervision_layers=(0, 2)),
+                      train_tokenizer(prompt_corpus(), 300))

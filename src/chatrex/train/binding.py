@@ -19,7 +19,7 @@ the two hops given as attention targets it reached 0.85 (chance 0.16). On real C
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -157,16 +157,27 @@ def _region_targets(b: int, p: int, ids: list[int], labels: list[int], start: to
         gather.append((b, query, int(start[named[-1]]), -1))
 
 
+class BindingSpec(NamedTuple):
+    """What the trainer's binding loss needs: its weight, the `<objK>` ids, optionally the (`<ground>`,
+    `</ground>`) ids (then layer `layers[0]` is supervised to gather phrases), and the two supervised layers."""
+
+    weight: float
+    object_ids: Sequence[int]
+    ground_ids: tuple[int, int] | None = None
+    layers: tuple[int, int] = (0, 1)
+
+
 def attention_supervision_loss(attentions: Sequence[torch.Tensor], targets: dict[str, torch.Tensor],
-                               head: int = 0) -> torch.Tensor:
-    """Mean -log p over the targets: layer 0 "gather" when present (else "previous"), layer 1 "match"; on `head`.
+                               head: int = 0, layers: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Mean -log p over the targets: layer layers[0] "gather" when present (else "previous"), layer layers[1]
+    "match"; on `head`.
 
     attentions: the LLM's per-layer probabilities (B, H, E, E) (`output_attentions=True`, eager attention).
     For "gather", p is the attention a query position puts on its whole phrase.
     """
     terms = []
     first = "gather" if "gather" in targets else "previous"
-    for layer, name in ((0, first), (1, "match")):
+    for layer, name in ((layers[0], first), (layers[1], "match")):
         t = targets[name].to(attentions[layer].device)
         if not t.numel():
             continue
@@ -179,4 +190,4 @@ def attention_supervision_loss(attentions: Sequence[torch.Tensor], targets: dict
     return torch.stack(terms).sum()
 
 
-__all__ = ["attention_supervision_loss", "binding_attention_targets", "copy_attention_init", "match_attention_init", "object_token_ids", "orthogonal_attention_init"]
+__all__ = ["BindingSpec", "attention_supervision_loss", "binding_attention_targets", "copy_attention_init", "match_attention_init", "object_token_ids", "orthogonal_attention_init"]

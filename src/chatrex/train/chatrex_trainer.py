@@ -39,6 +39,7 @@ from chatrex.errors import ConfigError
 from chatrex.model.constants import IGNORE_INDEX
 from chatrex.constants import GROUND_END, GROUND_START
 from chatrex.train.binding import (
+    BindingSpec,
     attention_supervision_loss,
     binding_attention_targets,
     copy_attention_init,
@@ -110,7 +111,7 @@ class ChatRexTrainConfig(TrainConfigBase):
     see `chatrex.train.binding`. attention_supervision: weight of the binding attention loss (0 = off; > 0 runs
     the LLM with eager attention in training: layer 0 head 0 object slot -> its <objK>, or, with the model's
     index_in_object_slot, the position that predicts <objK> -> its grounded phrase; layer 1 head 0 that
-    position -> the slot of the box it names). ckpt_every / eval_every: steps between checkpoints / quick evaluations
+    position -> the slot of the box it names); attention_supervision_layers: those two layers (default (0, 1)). ckpt_every / eval_every: steps between checkpoints / quick evaluations
     (0 = off); eval_scenes: held-out scenes per quick evaluation.
     """
 
@@ -141,6 +142,7 @@ class ChatRexTrainConfig(TrainConfigBase):
     vision_lr_scale: float = 1.0
     attention_init: str | None = None
     attention_supervision: float = 0.0
+    attention_supervision_layers: tuple[int, int] = (0, 1)
     paraphrase_prob: float = 1.0
     jitter: float = 3.0
     max_distractors: int | None = None
@@ -173,6 +175,9 @@ class ChatRexTrainConfig(TrainConfigBase):
         if self.attention_init is not None and self.attention_init not in ATTENTION_INITS:
             raise ConfigError(f"attention_init must be null or one of {sorted(ATTENTION_INITS)}, "
                               f"got {self.attention_init!r}")
+        layers = tuple(self.attention_supervision_layers)
+        if len(layers) != 2 or not all(isinstance(x, int) and x >= 0 for x in layers):
+            raise ConfigError(f"attention_supervision_layers must be two layer numbers, got {layers!r}")
         if float(self.attention_supervision) < 0:
             raise ConfigError(f"attention_supervision must be >= 0, got {self.attention_supervision}")
         if self.lora is not None and int(self.lora.get("r", 0)) < 1:
@@ -242,6 +247,10 @@ def build_model(config: ChatRexTrainConfig, tokenizer: Any) -> nn.Module:
         ATTENTION_INITS[config.attention_init](model)
     extend_vocab(model, len(tokenizer))
     if config.attention_supervision > 0:  # attention probabilities are only returned by eager attention
+        depth = int(model.config.text_config.num_hidden_layers)
+        if max(config.attention_supervision_layers) >= depth:
+            raise ConfigError(f"attention_supervision_layers {list(config.attention_supervision_layers)} needs "
+                              f"layers below the LLM's {depth}")
         model.set_attn_implementation("eager")
     return model
 
@@ -353,11 +362,11 @@ def encode_for_training(model: nn.Module, pixel_values: torch.Tensor, pixel_valu
 
 
 def batch_loss(model: nn.Module, batch: dict[str, Any], hide_vision: bool = False,
-               binding: tuple[float, Sequence[int]] | None = None) -> torch.Tensor:
+               binding: BindingSpec | tuple | None = None) -> torch.Tensor:
     """Mean next-token loss over the answer tokens of a one-image batch; the image is encoded once,
     and the boxes once when every row has the same box set (the usual case: `make_samples` shares them).
-    binding: (weight, <objK> token ids[, (<ground>, </ground>) ids]) adds `weight` x the binding attention loss
-    (`chatrex.train.binding`; with the ground ids layer 0 is supervised to gather the phrase)."""
+    binding: a `BindingSpec` (or its fields as a tuple) adds its weight x the binding attention loss
+    (`chatrex.train.binding`; with the ground ids the first supervised layer gathers the phrase)."""
     device = model.get_input_embeddings().weight.device
     image, objects = None, None
     if "pixel_values" in batch:  # else a text-only batch (`encode_samples(text_only=True)`)
@@ -373,7 +382,8 @@ def batch_loss(model: nn.Module, batch: dict[str, Any], hide_vision: bool = Fals
     # Rows are left padded, so every answer sits at the end of its row (in the merged sequence too):
     # only the last `keep` positions need logits (the lm_head over the image tokens is wasted work).
     keep = int((labels != IGNORE_INDEX).sum(1).max()) + 1
-    supervise = binding is not None and binding[0] > 0 and image is not None
+    binding = BindingSpec(*binding) if binding is not None else None
+    supervise = binding is not None and binding.weight > 0 and image is not None
     out = model(
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
         image_features=image, object_features=objects, logits_to_keep=keep, output_attentions=supervise,
@@ -383,9 +393,9 @@ def batch_loss(model: nn.Module, batch: dict[str, Any], hide_vision: bool = Fals
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                              ignore_index=IGNORE_INDEX)
     if supervise:
-        targets = binding_attention_targets(batch["input_ids"], batch["labels"], image.shape[1], binding[1],
-                                            binding[2] if len(binding) > 2 else None)
-        loss = loss + binding[0] * attention_supervision_loss(out.attentions, targets)
+        targets = binding_attention_targets(batch["input_ids"], batch["labels"], image.shape[1], binding.object_ids,
+                                            binding.ground_ids)
+        loss = loss + binding.weight * attention_supervision_loss(out.attentions, targets, layers=binding.layers)
     return loss
 
 
@@ -456,9 +466,11 @@ def _train_step(model, processor, config, step: int, optimizer, scheduler, head=
     text_only = bool(config.stage_at(step)[2].get("text_only"))
     binding = None
     if config.attention_supervision > 0:
-        binding = (float(config.attention_supervision), object_token_ids(processor.tokenizer))
+        ground = None
         if getattr(model.config, "index_in_object_slot", False):  # the index is at the slot: supervise the phrase
-            binding = binding + (tuple(processor.tokenizer.convert_tokens_to_ids([GROUND_START, GROUND_END])),)
+            ground = tuple(processor.tokenizer.convert_tokens_to_ids([GROUND_START, GROUND_END]))
+        binding = BindingSpec(float(config.attention_supervision), object_token_ids(processor.tokenizer), ground,
+                              tuple(int(x) for x in config.attention_supervision_layers))
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total, rows = 0.0, 0
