@@ -96,6 +96,19 @@ def test_supervision_loss_is_minus_log_of_the_target_probabilities():
     assert attention_supervision_loss(attn, empty).item() == 0.0
 
 
+def test_supervision_still_pulls_a_target_the_head_starts_far_from():
+    """A layer-0 head under the match init put p ~ 1e-9 on detection phrases: the loss must still give the
+    target's score the softmax gradient -(1 - p) (a clamp at 1e-6 had made it a constant, and it never learned)."""
+    scores = torch.zeros(1, 1, 2, 4)
+    scores[0, 0, 1, 3] = 25.0  # the query attends to key 3; key 0 is the target, p = e^-25 ~ 1e-11
+    scores.requires_grad_(True)
+    attn = scores.softmax(-1)
+    targets = {"previous": torch.zeros(0, 3, dtype=torch.long), "match": torch.tensor([[0, 1, 0]])}
+    attention_supervision_loss([attn, attn], targets, layers=(0, 1)).backward()
+    assert scores.grad[0, 0, 1, 0].item() == pytest.approx(-1.0, abs=1e-6)
+    assert scores.grad[0, 0, 1, 3].item() == pytest.approx(1.0, abs=1e-6)
+
+
 def test_orthogonal_init_and_export_keep_the_default_attention(setup, tmp_path):
     _, model, processor, _ = setup
     v = model.model.layers[0].self_attn.v_proj.weight  # (kv width, hidden): orthonormal rows

@@ -47,7 +47,8 @@ class Sample:
     """One instruction sample. boxes: input boxes xyxy px ([x1, y1, x2, y2] floats) in `<objK>` order.
 
     meta: "targets" (sorted box indices the answer grounds; [] for none), "objects" (scene object
-    indices), and per task "category"/"categories"/"expression"/"object".
+    indices), "box_attrs" ([colour, shape] indices per box, [-1, -1] for distractors), and per task
+    "category"/"categories"/"expression"/"object".
     """
 
     image: Image.Image = field(repr=False)
@@ -168,6 +169,13 @@ class _Ctx:
         self.box_of = object_to_box(gt_index_of_box, len(scene.objects))
         self.paraphrase = paraphrase
 
+    def box_attrs(self) -> list[list[int]]:
+        """[colour index, shape index] of each input box's object ([-1, -1] for a distractor): what the
+        symbolic training slots (`chatrex.train.symbolic`) are built from."""
+        objs = self.scene.objects
+        return [[-1, -1] if o is None else [COLOURS.index(objs[o].colour), SHAPES.index(objs[o].shape)]
+                for o in self.owner]
+
     def template(self, family: Sequence[str]) -> str:
         return family[int(self.rng.integers(len(family)))] if self.paraphrase else family[0]
 
@@ -175,7 +183,8 @@ class _Ctx:
         return items[int(self.rng.integers(len(items)))]
 
     def sample(self, task, question, answer, targets, objects, **meta) -> Sample:
-        meta.update(targets=sorted(int(t) for t in targets), objects=sorted(int(o) for o in objects))
+        meta.update(targets=sorted(int(t) for t in targets), objects=sorted(int(o) for o in objects),
+                    box_attrs=self.box_attrs())
         return Sample(self.scene.image, self.boxes, question, answer, task, meta)
 
 

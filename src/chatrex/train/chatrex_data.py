@@ -62,8 +62,8 @@ def encode_samples(processor: Any, samples: Sequence[Any], text_only: bool = Fal
     """Samples about ONE image -> one left-padded training batch.
 
     Returns input_ids / labels / attention_mask (B, L) (labels = IGNORE_INDEX except answer + EOS),
-    pixel_values (1, 3, low, low), pixel_values_aux (1, 3, high, high), and `boxes`: B canvas-xyxy
-    float32 tensors (K_b, 4). text_only: rows are the chat-wrapped question without the image / object
+    pixel_values (1, 3, low, low), pixel_values_aux (1, 3, high, high), `boxes`: B canvas-xyxy
+    float32 tensors (K_b, 4), and `box_attrs`: B (K_b, 2) (colour, shape) indices, -1 for distractors. text_only: rows are the chat-wrapped question without the image / object
     prefix, <objK> answer tokens unlabelled (nothing to bind them to), no pixel values or boxes.
     """
     if not samples:
@@ -81,7 +81,10 @@ def encode_samples(processor: Any, samples: Sequence[Any], text_only: bool = Fal
         answer = [int(i) for i in tok.encode(s.answer, add_special_tokens=False)] + [int(tok.eos_token_id)]
         rows.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
         boxes.append(canvas)
-    return {**_left_pad(rows, processor.pad_token_id), "pixel_values": low, "pixel_values_aux": aux, "boxes": boxes}
+    batch = {**_left_pad(rows, processor.pad_token_id), "pixel_values": low, "pixel_values_aux": aux, "boxes": boxes}
+    if all("box_attrs" in s.meta for s in samples):  # for symbolic slots (`chatrex.train.symbolic`)
+        batch["box_attrs"] = [torch.tensor(s.meta["box_attrs"], dtype=torch.long).reshape(-1, 2) for s in samples]
+    return batch
 
 
 def _text_rows(processor: Any, samples: Sequence[Any]) -> dict[str, Any]:

@@ -59,6 +59,7 @@ from chatrex.train.common import (
 )
 from chatrex.train.lora import LoRALinear, apply_lora, merge_lora
 from chatrex.train.region_pretrain import REGION_PREFIXES, RegionHead, category_word_ids, region_loss
+from chatrex.train.symbolic import SymbolicSlots, symbolic_objects
 
 VISION_PREFIXES = ("vision_tower.", "vision_tower_aux.", "mm_projector.", "mm_object_projector.")
 TOWER_PREFIXES = ("vision_tower.", "vision_tower_aux.")
@@ -81,7 +82,9 @@ class ChatRexTrainConfig(TrainConfigBase):
     preset's `text_config` / `vision_config` keys one by one; `vocab_size` is set from the tokenizer).
     tokenizer: a tokenizer folder, or None to train the world tokenizer (`tokenizer_vocab_size`,
     `tokenizer_scenes` scenes). stages: [{"stage": 0|1|2, "steps": int, "lr": float}, ...] run in order
-    (optional per stage: "text_only": true, "task_weights": {...} replacing the config's for that stage);
+    (optional per stage: "text_only": true, "task_weights": {...} replacing the config's for that stage;
+    stage 2 "symbolic": true = object slots from word embeddings, no vision; stage 0 "regress": w = also pull
+    each object token onto its symbolic slot, see `chatrex.train.symbolic`);
     stage 0 (`chatrex.train.region_pretrain`) trains the towers + projectors on region probes
     (colour / shape / objectness / geometry, `region_images_per_step` scenes per step, each with at least
     `region_min_objects` objects: more labelled boxes per ConvNeXt pass) before any text.
@@ -161,6 +164,10 @@ class ChatRexTrainConfig(TrainConfigBase):
                 raise ConfigError(f"bad stage {st!r}: need {{'stage': 0, 1 or 2, 'steps': >= 0, 'lr': > 0}}")
             if float(st.get("lr", 0)) <= 0:
                 raise ConfigError(f"stage {st!r} needs a positive lr")
+            if st.get("symbolic") and (int(st["stage"]) != 2 or st.get("text_only")):
+                raise ConfigError(f"stage {st!r}: 'symbolic' is a stage-2 switch (not with text_only)")
+            if float(st.get("regress", 0)) and int(st["stage"]) != 0:
+                raise ConfigError(f"stage {st!r}: 'regress' is a stage-0 weight")
         for name in ("questions_per_image", "images_per_step", "threads", "region_images_per_step"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -286,7 +293,7 @@ def set_trainable(model: nn.Module, stage: int, frozen_towers: bool = False) -> 
 
 
 def build_optimizer(model: nn.Module, config: ChatRexTrainConfig, stage: dict,
-                    head: nn.Module | None = None) -> torch.optim.Optimizer:
+                    head: nn.Module | None = None, symbolic: nn.Module | None = None) -> torch.optim.Optimizer:
     """AdamW over the stage's trainable parameters (+ the stage-0 `head`); no weight decay on norms, biases
     and embeddings. Stage 0 trains the vision side at the stage's own LR (`vision_lr_scale` is for 1-2)."""
     number = int(stage["stage"])
@@ -305,6 +312,8 @@ def build_optimizer(model: nn.Module, config: ChatRexTrainConfig, stage: dict,
               for (plain, vision), ps in sorted(buckets.items())]
     if number == 0 and head is not None:
         groups.append({"params": list(head.parameters()), "weight_decay": config.weight_decay, "lr": lr})
+    if stage.get("symbolic") and symbolic is not None:  # the symbolic slots' geometry / distractor train with the LLM
+        groups.append({"params": list(symbolic.parameters()), "weight_decay": 0.0, "lr": lr})
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
 
 
@@ -362,14 +371,19 @@ def encode_for_training(model: nn.Module, pixel_values: torch.Tensor, pixel_valu
 
 
 def batch_loss(model: nn.Module, batch: dict[str, Any], hide_vision: bool = False,
-               binding: BindingSpec | tuple | None = None) -> torch.Tensor:
+               binding: BindingSpec | tuple | None = None, symbolic: nn.Module | None = None) -> torch.Tensor:
     """Mean next-token loss over the answer tokens of a one-image batch; the image is encoded once,
     and the boxes once when every row has the same box set (the usual case: `make_samples` shares them).
     binding: a `BindingSpec` (or its fields as a tuple) adds its weight x the binding attention loss
-    (`chatrex.train.binding`; with the ground ids the first supervised layer gathers the phrase)."""
+    (`chatrex.train.binding`; with the ground ids the first supervised layer gathers the phrase).
+    symbolic: a `SymbolicSlots`: object slots from the rows' `box_attrs`, image tokens zero, no vision encoder."""
     device = model.get_input_embeddings().weight.device
     image, objects = None, None
-    if "pixel_values" in batch:  # else a text-only batch (`encode_samples(text_only=True)`)
+    if symbolic is not None and "pixel_values" in batch:
+        hidden = model.config.text_config.hidden_size
+        image = torch.zeros(1, model.config.num_image_tokens, hidden, device=device)
+        objects = symbolic_objects(symbolic, model, batch["box_attrs"], [b.to(device) for b in batch["boxes"]])
+    elif "pixel_values" in batch:  # else a text-only batch (`encode_samples(text_only=True)`)
         image, maps = encode_for_training(model, batch["pixel_values"].to(device), batch["pixel_values_aux"].to(device))
         boxes = [b.to(device) for b in batch["boxes"]]
         if all(b.shape == boxes[0].shape and torch.equal(b, boxes[0]) for b in boxes):
@@ -429,23 +443,25 @@ def _checkpoint_meta(path: Path) -> dict[str, Any]:
     return {"step": int(state.get("step", 0)), "extra": state.get("extra", {}) or {}}
 
 
-def _new_stage(model: nn.Module, config: ChatRexTrainConfig, stage: dict, head: nn.Module | None = None
-               ) -> tuple[Any, Any]:
+def _new_stage(model: nn.Module, config: ChatRexTrainConfig, stage: dict, head: nn.Module | None = None,
+               symbolic: nn.Module | None = None) -> tuple[Any, Any]:
     steps = int(stage["steps"])
-    optimizer = build_optimizer(model, config, stage, head)
+    optimizer = build_optimizer(model, config, stage, head, symbolic)
     warmup = min(int(config.warmup), max(steps // 4, 1))
     scheduler = build_scheduler(optimizer, steps, warmup, config.schedule, config.min_lr_ratio)
     return optimizer, scheduler
 
 
-def _region_step(model, head, processor, config, step: int, optimizer, scheduler) -> tuple[float, int]:
+def _region_step(model, head, processor, config, step: int, optimizer, scheduler, symbolic=None) -> tuple[float, int]:
+    regress = float(config.stage_at(step)[2].get("regress", 0.0))
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total, n = 0.0, config.region_images_per_step
     for micro in range(n):
         scene, rng = region_scene(config, step, micro)
         with autocast_context("cpu" if not torch.cuda.is_available() else "cuda", "bf16" if config.bf16 else None):
-            loss, _ = region_loss(model, head, processor, scene, rng, config.jitter, config.max_distractors)
+            loss, _ = region_loss(model, head, processor, scene, rng, config.jitter, config.max_distractors,
+                                  symbolic, regress)
         (loss / n).backward()
         total += float(loss.detach()) / n
     _apply_gradients(config, optimizer, scheduler)
@@ -460,10 +476,12 @@ def _apply_gradients(config, optimizer, scheduler) -> None:
     scheduler.step()
 
 
-def _train_step(model, processor, config, step: int, optimizer, scheduler, head=None) -> tuple[float, int]:
+def _train_step(model, processor, config, step: int, optimizer, scheduler, head=None, symbolic=None
+                ) -> tuple[float, int]:
     if head is not None:
-        return _region_step(model, head, processor, config, step, optimizer, scheduler)
+        return _region_step(model, head, processor, config, step, optimizer, scheduler, symbolic)
     text_only = bool(config.stage_at(step)[2].get("text_only"))
+    symbolic = symbolic if config.stage_at(step)[2].get("symbolic") else None
     binding = None
     if config.attention_supervision > 0:
         ground = None
@@ -477,7 +495,8 @@ def _train_step(model, processor, config, step: int, optimizer, scheduler, head=
     for micro in range(config.images_per_step):
         batch = encode_samples(processor, scene_samples(config, step, micro), text_only=text_only)
         with autocast_context("cpu" if not torch.cuda.is_available() else "cuda", "bf16" if config.bf16 else None):
-            loss = batch_loss(model, batch, hide_vision=step < config.text_warmup_steps, binding=binding)
+            loss = batch_loss(model, batch, hide_vision=step < config.text_warmup_steps, binding=binding,
+                              symbolic=symbolic)
         (loss / config.images_per_step).backward()
         total += float(loss.detach()) / config.images_per_step
         rows += int(batch["input_ids"].shape[0])
@@ -510,6 +529,12 @@ def train_chatrex(config: ChatRexTrainConfig, out_dir: str | Path, resume: str |
     head = None
     if any(int(st["stage"]) == 0 for st in config.stages):
         head = RegionHead(model.config.text_config.hidden_size, *category_word_ids(tokenizer))
+    symbolic = None
+    if any(st.get("symbolic") or st.get("regress") for st in config.stages):
+        words = category_word_ids(tokenizer)
+        if words[0] is None:
+            raise ConfigError("symbolic slots need every colour and shape word to be one token of the tokenizer")
+        symbolic = SymbolicSlots(model.config.text_config.hidden_size, *words).to(model.device)
     total = config.total_steps if max_steps is None else min(config.total_steps, int(max_steps))
     start, history, optimizer, scheduler, current, spent = 0, [], None, None, -1, 0.0
     if resume is not None:
@@ -518,7 +543,9 @@ def train_chatrex(config: ChatRexTrainConfig, out_dir: str | Path, resume: str |
         current = config.stage_at(start)[0] if start < config.total_steps else len(config.stages) - 1
         if head is not None and meta["extra"].get("region_head"):
             head.load_state_dict(meta["extra"]["region_head"])
-        optimizer, scheduler = _new_stage(model, config, config.stages[current], head)
+        if symbolic is not None and meta["extra"].get("symbolic_slots"):
+            symbolic.load_state_dict(meta["extra"]["symbolic_slots"])
+        optimizer, scheduler = _new_stage(model, config, config.stages[current], head, symbolic)
         same = int(meta["extra"].get("stage_index", -1)) == current
         load_checkpoint(resume, model, optimizer if same else None, scheduler if same else None)
         history = list(meta["extra"].get("history", []))
@@ -528,15 +555,15 @@ def train_chatrex(config: ChatRexTrainConfig, out_dir: str | Path, resume: str |
     for step in range(start, total):
         index, _, stage = config.stage_at(step)
         if index != current:
-            optimizer, scheduler, current = *_new_stage(model, config, stage, head), index
+            optimizer, scheduler, current = *_new_stage(model, config, stage, head, symbolic), index
         stage_head = head if int(stage["stage"]) == 0 else None
-        loss, rows = _train_step(model, processor, config, step, optimizer, scheduler, stage_head)
+        loss, rows = _train_step(model, processor, config, step, optimizer, scheduler, stage_head, symbolic)
         history.append(loss)
         bar.update(step + 1, loss=loss, samples=rows, stage=int(stage["stage"]), lr=scheduler.get_last_lr()[0])
         done = step + 1
         if (config.ckpt_every and done % config.ckpt_every == 0) or done == total:
             seconds = spent + time.perf_counter() - started
-            _save(out, model, processor, optimizer, scheduler, done, current, history, config, head, seconds)
+            _save(out, model, processor, optimizer, scheduler, done, current, history, config, head, seconds, symbolic)
         if config.eval_every and done % config.eval_every == 0:
             _quick_eval(model, processor, config, done, stream)
     bar.close()
@@ -546,11 +573,13 @@ def train_chatrex(config: ChatRexTrainConfig, out_dir: str | Path, resume: str |
 
 
 def _save(out: Path, model, processor, optimizer, scheduler, step: int, stage_index: int, history, config,
-          head: nn.Module | None = None, seconds: float = 0.0) -> None:
+          head: nn.Module | None = None, seconds: float = 0.0, symbolic: nn.Module | None = None) -> None:
     extra = {"stage_index": int(stage_index), "history": [float(h) for h in history], "config": json.dumps(config.to_dict()),
              "seconds": float(seconds)}  # wall clock of all runs so far (resumes add up)
     if head is not None:
         extra["region_head"] = head.state_dict()
+    if symbolic is not None:
+        extra["symbolic_slots"] = symbolic.state_dict()
     save_checkpoint(out / CHECKPOINT_NAME, model, optimizer, scheduler, step=step, extra=extra)
     export_model(model, processor, out / MODEL_DIR)
 

@@ -108,8 +108,11 @@ def region_targets(scene: Any, owners: list[int | None], canvas: torch.Tensor, c
 
 
 def region_loss(model: nn.Module, head: RegionHead, processor: Any, scene: Any, rng: np.random.Generator,
-                jitter: float, max_distractors: int | None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Stage-0 loss for one scene: CE(colour) + CE(shape) + BCE(objectness) + 4 * L1(geometry) + CE(background).
+                jitter: float, max_distractors: int | None, symbolic: nn.Module | None = None,
+                regress: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Stage-0 loss for one scene: CE(colour) + CE(shape) + BCE(objectness) + 4 * L1(geometry) + CE(background)
+    (+ `regress` x the relative squared error between each object token and its `symbolic` slot, detached:
+    `chatrex.train.symbolic`).
 
     Boxes are drawn like the instruction data's (`make_input_boxes`: jittered ground truth + distractors),
     and the object tokens are computed like in training batches (`dense_object_features`).
@@ -134,8 +137,17 @@ def region_loss(model: nn.Module, head: RegionHead, processor: Any, scene: Any, 
     if int(target["background"]) >= 0:
         loss = loss + f.cross_entropy(head.background(image.float().mean(1)), target["background"].reshape(1))
     real = target["colour"] >= 0
+    regression = None
+    if symbolic is not None and regress > 0:
+        from chatrex.train.symbolic import box_attributes, regression_loss, symbolic_objects
+
+        goal = symbolic_objects(symbolic, model, [box_attributes(scene, owners)], [canvas.to(device)])[0]
+        regression = regression_loss(tokens, goal)
+        loss = loss + float(regress) * regression
     stats = {"colour_acc": float((colour_logits.argmax(1) == target["colour"])[real].float().mean()),
              "shape_acc": float((shape_logits.argmax(1) == target["shape"])[real].float().mean())}
+    if regression is not None:
+        stats["regression"] = float(regression.detach())
     return loss, stats
 
 
