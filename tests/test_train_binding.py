@@ -188,6 +188,30 @@ def test_copy_and_match_inits_make_heads_copiers_and_content_matchers():
     config(attention_init="copy").validate()
 
 
+def test_supervised_init_shapes_only_the_two_supervised_heads():
+    text = {**TWO_LAYERS["text_config"], "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2}
+    overrides = {**TWO_LAYERS, "text_config": text}
+    tokenizer = train_tokenizer(prompt_corpus(), 300)
+    plain = T.build_model(config(model_overrides=overrides), tokenizer)
+    shaped = T.build_model(config(model_overrides=overrides, attention_init="supervised",
+                                  attention_supervision=1.0, attention_supervision_layers=(0, 2)), tokenizer)
+    hd = plain.model.layers[0].self_attn.head_dim
+    for index in range(3):
+        a, b = plain.model.layers[index].self_attn, shaped.model.layers[index].self_attn
+        if index == 1:  # not supervised: the default init, untouched
+            assert all(torch.equal(getattr(a, n).weight, getattr(b, n).weight) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            continue
+        v = b.v_proj.weight[:hd]
+        torch.testing.assert_close(v @ v.T, torch.eye(hd), atol=1e-5, rtol=0)  # orthonormal rows
+        torch.testing.assert_close(b.o_proj.weight[:, :hd], v.T)  # head 0 copies what it attends to
+        torch.testing.assert_close(b.o_proj.weight[:, hd:], a.o_proj.weight[:, hd:])  # other heads: default
+        torch.testing.assert_close(b.v_proj.weight[hd:], a.v_proj.weight[hd:])
+        if index == 2:  # the match layer: head 0 matches content
+            torch.testing.assert_close(b.q_proj.weight[:hd], 4.0 * b.k_proj.weight[:hd])
+        else:
+            assert torch.equal(a.q_proj.weight, b.q_proj.weight) and torch.equal(a.k_proj.weight, b.k_proj.weight)
+
+
 def test_region_answers_read_the_named_slot_and_gather_the_question_index(setup):
     _, model, processor, _ = setup
     cfg = config(task_weights={"region_category": 1.0})

@@ -46,6 +46,7 @@ from chatrex.train.binding import (
     match_attention_init,
     object_token_ids,
     orthogonal_attention_init,
+    supervised_heads_init,
 )
 from chatrex.train.chatrex_data import curriculum, draw_tasks, encode_samples, region_scene, scene_samples
 from chatrex.train.common import (
@@ -63,7 +64,8 @@ from chatrex.train.symbolic import SymbolicSlots, symbolic_objects
 
 VISION_PREFIXES = ("vision_tower.", "vision_tower_aux.", "mm_projector.", "mm_object_projector.")
 TOWER_PREFIXES = ("vision_tower.", "vision_tower_aux.")
-ATTENTION_INITS = {"orth": orthogonal_attention_init, "copy": copy_attention_init, "match": match_attention_init}
+ATTENTION_INITS = {"orth": orthogonal_attention_init, "copy": copy_attention_init, "match": match_attention_init,
+                   "supervised": supervised_heads_init}
 STAGE1_PREFIXES = ("mm_projector.", "mm_object_projector.", "model.embed_tokens.", "lm_head.")
 DEFAULT_TASK_WEIGHTS = {
     "detect": 0.2, "detect_multi": 0.08, "detect_absent": 0.06, "refer": 0.2, "region_category": 0.2,
@@ -110,7 +112,8 @@ class ChatRexTrainConfig(TrainConfigBase):
     blow object features up to norm ~200 with little colour information left). jitter: max GT box
     jitter in px (drawn per scene in [0, jitter]). max_distractors: cap on random distractor boxes
     (None: the data default). attention_init: None, "orth" (orthogonal LLM v_proj / o_proj), "copy" (every head
-    copies what it attends to) or "match" (copy, and q_proj = k_proj: every head starts as a content matcher);
+    copies what it attends to), "match" (copy, and q_proj = k_proj: every head starts as a content matcher) or
+    "supervised" (only head 0 of the two supervised layers: copiers, the second also a matcher; recommended);
     see `chatrex.train.binding`. attention_supervision: weight of the binding attention loss (0 = off; > 0 runs
     the LLM with eager attention in training: layer 0 head 0 object slot -> its <objK>, or, with the model's
     index_in_object_slot, the position that predicts <objK> -> its grounded phrase; layer 1 head 0 that
@@ -250,7 +253,9 @@ def build_model(config: ChatRexTrainConfig, tokenizer: Any) -> nn.Module:
     if config.embed_init_std is not None:
         with torch.no_grad():
             model.get_input_embeddings().weight.normal_(0.0, float(config.embed_init_std))
-    if config.attention_init is not None:
+    if config.attention_init == "supervised":  # shapes only the two supervised heads
+        supervised_heads_init(model, tuple(int(x) for x in config.attention_supervision_layers))
+    elif config.attention_init is not None:
         ATTENTION_INITS[config.attention_init](model)
     extend_vocab(model, len(tokenizer))
     if config.attention_supervision > 0:  # attention probabilities are only returned by eager attention
