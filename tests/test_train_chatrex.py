@@ -385,4 +385,8 @@ def test_the_tiny_model_recipe_parses_and_validates():
     path = Path(__file__).resolve().parents[1] / "configs" / "train_chatrex_tiny.json"
     cfg = T.ChatRexTrainConfig.from_json(str(path), [])
     cfg.validate()
-    assert [int(st["stage"]) for st in cfg.stages][0] == 0 and cfg.frozen_towers
+    # text-only grammar, then the symbolic binding stage, then stage 0 regressing onto its slots, then real rows
+    kinds = [("text" if st.get("text_only") else "symbolic" if st.get("symbolic") else
+              "regress" if st.get("regress") else f"stage{st['stage']}") for st in cfg.stages]
+    assert kinds[:3] == ["text", "symbolic", "regress"] and "stage2" in kinds[3:], kinds
+    assert cfg.frozen_towers and cfg.attention_init == "supervised" and cfg.attention_supervision > 0
