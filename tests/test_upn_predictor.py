@@ -173,8 +173,15 @@ def test_batch_independence(predictor):
     batched = predictor.predict([b, c, a], batch_size=4)  # a and c share one forward pass, b runs alone
     assert batched[0] == mixed[0]  # b is never padded next to a/c
     assert len(batched[2]) == len(alone)
-    np.testing.assert_allclose(batched[2].scores, alone.scores, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(batched[2].boxes, alone.boxes, rtol=0, atol=1e-2)
+    # a and c have the same size (no padding), so only kernel accumulation order differs between a batch of 2
+    # and a batch of 1: measured 3.8e-3 max score difference on an AMD EPYC box (< 1e-4 on the earlier Intel
+    # box); a leak between images would move scores by far more.
+    # (the fixture's scores sit around 0.5 with near ties, so such differences may swap neighbours in the
+    # ranking: compare scores sorted and boxes as sets)
+    np.testing.assert_allclose(np.sort(batched[2].scores), np.sort(alone.scores), rtol=0, atol=1e-2)
+    got, want = np.asarray(batched[2].boxes), np.asarray(alone.boxes)
+    nearest = np.abs(want[:, None, :] - got[None, :, :]).max(-1).min(1)  # each box's closest match
+    assert nearest.max() < 1e-2, nearest.max()
 
 
 def test_bad_and_odd_inputs(predictor, tmp_path):
