@@ -63,7 +63,8 @@ def encode_samples(processor: Any, samples: Sequence[Any], text_only: bool = Fal
 
     Returns input_ids / labels / attention_mask (B, L) (labels = IGNORE_INDEX except answer + EOS),
     pixel_values (1, 3, low, low), pixel_values_aux (1, 3, high, high), `boxes`: B canvas-xyxy
-    float32 tensors (K_b, 4), and `box_attrs`: B (K_b, 2) (colour, shape) indices, -1 for distractors. text_only: rows are the chat-wrapped question without the image / object
+    float32 tensors (K_b, 4), and `box_attrs`: B (K_b, 2) (colour, shape) indices, -1 for distractors.
+    text_only: rows are the chat-wrapped question without the image / object
     prefix, <objK> answer tokens unlabelled (nothing to bind them to), no pixel values or boxes.
     """
     if not samples:
