@@ -160,6 +160,14 @@ def object_to_box(gt_index_of_box: Sequence[int | None], n_objects: int) -> list
     return out
 
 
+def box_attributes(scene: Scene, gt_index_of_box: Sequence[int | None]) -> list[list[int]]:
+    """[colour index, shape index] of each input box's object ([-1, -1] for a distractor): what the
+    symbolic training slots (`chatrex.train.symbolic`) are built from."""
+    objs = scene.objects
+    return [[-1, -1] if o is None else [COLOURS.index(objs[o].colour), SHAPES.index(objs[o].shape)]
+            for o in gt_index_of_box]
+
+
 # ------------------------------------------------------------------------------------------ task builders
 class _Ctx:
     """What every task builder needs: the scene, its input boxes, the object->box map, rng, templates."""
@@ -169,13 +177,6 @@ class _Ctx:
         self.box_of = object_to_box(gt_index_of_box, len(scene.objects))
         self.paraphrase = paraphrase
 
-    def box_attrs(self) -> list[list[int]]:
-        """[colour index, shape index] of each input box's object ([-1, -1] for a distractor): what the
-        symbolic training slots (`chatrex.train.symbolic`) are built from."""
-        objs = self.scene.objects
-        return [[-1, -1] if o is None else [COLOURS.index(objs[o].colour), SHAPES.index(objs[o].shape)]
-                for o in self.owner]
-
     def template(self, family: Sequence[str]) -> str:
         return family[int(self.rng.integers(len(family)))] if self.paraphrase else family[0]
 
@@ -184,7 +185,7 @@ class _Ctx:
 
     def sample(self, task, question, answer, targets, objects, **meta) -> Sample:
         meta.update(targets=sorted(int(t) for t in targets), objects=sorted(int(o) for o in objects),
-                    box_attrs=self.box_attrs())
+                    box_attrs=box_attributes(self.scene, self.owner))
         return Sample(self.scene.image, self.boxes, question, answer, task, meta)
 
 

@@ -485,8 +485,9 @@ def _train_step(model, processor, config, step: int, optimizer, scheduler, head=
                 ) -> tuple[float, int]:
     if head is not None:
         return _region_step(model, head, processor, config, step, optimizer, scheduler, symbolic)
-    text_only = bool(config.stage_at(step)[2].get("text_only"))
-    symbolic = symbolic if config.stage_at(step)[2].get("symbolic") else None
+    stage = config.stage_at(step)[2]
+    text_only = bool(stage.get("text_only"))
+    symbolic = symbolic if stage.get("symbolic") else None
     binding = None
     if config.attention_supervision > 0:
         ground = None

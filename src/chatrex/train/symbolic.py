@@ -56,12 +56,11 @@ class SymbolicSlots(nn.Module):
 
 
 def box_attributes(scene: Any, owners: Sequence[int | None]) -> torch.Tensor:
-    """(K, 2) long (colour index, shape index) of each box's object, -1 -1 for distractors."""
-    from chatrex.data.synthetic import COLOURS, SHAPES
+    """(K, 2) long (colour index, shape index) of each box's object, -1 -1 for distractors
+    (`chatrex.data.instructions.box_attributes` as a tensor)."""
+    from chatrex.data.instructions import box_attributes as attributes
 
-    rows = [[-1, -1] if o is None else [COLOURS.index(scene.objects[o].colour), SHAPES.index(scene.objects[o].shape)]
-            for o in owners]
-    return torch.tensor(rows, dtype=torch.long).reshape(-1, 2)
+    return torch.tensor(attributes(scene, owners), dtype=torch.long).reshape(-1, 2)
 
 
 def symbolic_objects(module: SymbolicSlots, model: nn.Module, attrs: Sequence[torch.Tensor],
