@@ -254,3 +254,41 @@ def test_supervised_layers_are_a_switch_checked_against_the_llm_depth():
     with pytest.raises(Exception, match="below the LLM's 2"):
         T.build_model(config(attention_supervision=1.0, attention_supervision_layers=(0, 2)),
                       train_tokenizer(prompt_corpus(), 300))
+
+
+def test_remaining_targets_group_an_index_with_the_later_ones_of_its_list(setup):
+    """A content matcher cannot tell two boxes of one category apart: the position that predicts the first
+    index of `<obj2><obj5>` is pointed at both slots (one group), the one before `<obj5>` at slot 5 only."""
+    cfg, model, processor, _ = setup
+    object_ids = object_token_ids(processor.tokenizer)
+    for step in range(50):  # the first step whose rows answer with a list of several indices
+        batch = T.encode_samples(processor, T.scene_samples(cfg, step, 0))
+        labels = batch["labels"]
+        if bool((torch.isin(labels[:, 1:], torch.tensor(object_ids))
+                 & torch.isin(labels[:, :-1], torch.tensor(object_ids))).any()):
+            break
+    with torch.no_grad():
+        image_tokens = model.encode_images(batch["pixel_values"], batch["pixel_values_aux"])[0].shape[1]
+    targets = binding_attention_targets(batch["input_ids"], batch["labels"], image_tokens, object_ids)
+    merged = _merged_ids(batch["input_ids"], image_tokens)
+    groups: dict[int, set[int]] = {}
+    for b, q, k, g in targets["remaining"].tolist():
+        groups.setdefault(g, set()).add(k)
+    assert len(groups) == len(targets["match"])  # one group per position that predicts an index
+    multi = 0
+    for (b, q, k), keys in zip(targets["match"].tolist(), (groups[g] for g in sorted(groups))):
+        assert k in keys  # the group holds the match target itself ...
+        answer, j = [], q + 1  # ... and the slots of the indices after it in the same list
+        while merged[b][j] in object_ids:
+            answer.append(object_ids.index(merged[b][j]))
+            j += 1
+        slots = [i for i, t in enumerate(merged[b]) if t == OBJECT_TOKEN_INDEX]
+        assert keys == {slots[i] for i in answer}
+        multi += len(keys) > 1
+    assert multi > 0  # the batch (detect_multi rows) has lists of several indices
+    attn = [torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)]
+    attn[1][0, 0, 3, 0], attn[1][0, 0, 3, 1] = 0.25, 0.5
+    loss = attention_supervision_loss(attn, {"previous": torch.zeros(0, 3, dtype=torch.long),
+                                             "match": torch.tensor([[0, 3, 0]]),
+                                             "remaining": torch.tensor([[0, 3, 0, 0], [0, 3, 1, 0]])})
+    assert loss.item() == pytest.approx(-torch.tensor(0.75).log().item(), rel=1e-6)

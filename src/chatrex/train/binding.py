@@ -119,6 +119,10 @@ def binding_attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, ima
     "previous": each object slot (-300) -> the position before it (its `<objK>` token);
     "match": each position whose next label is `<objK>` -> the K-th object slot of its row (pairs whose row
     has fewer than K + 1 slots are dropped);
+    "remaining" (N, 4) of (row, query, key, group): each such position -> the slots of its `<objK>` and of the
+    indices after it in the same `<objects>` list. A content matcher cannot tell two boxes of the same category
+    apart, so for "two red stars" the honest target of the first index is both slots (the loss sums them);
+    "match" would ask the head for the smaller index by content alone;
     "gather" (N, 4) of (row, query, key, group), with ground_ids only: each such position -> every token of
     the last `<ground>` ... `</ground>` phrase before it (group numbers the query positions; the loss is on the
     attention summed over a group's keys).
@@ -131,7 +135,7 @@ def binding_attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, ima
     slot = start[rows, cols]
     previous = torch.stack([rows, slot, slot - 1], 1)
     index_of = {int(t): k for k, t in enumerate(object_ids)}
-    match, gather = [], []
+    match, gather, remaining = [], [], []
     for b in range(input_ids.shape[0]):
         slots = start[b][is_obj[b]]  # merged positions of this row's object slots, in box order
         ids = input_ids[b].tolist()
@@ -144,25 +148,42 @@ def binding_attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, ima
                 elif ids[p - 1] == ground_ids[1] and opened is not None and p - 2 > opened:
                     phrase, opened = (opened + 1, p - 2), None
             if ground_ids is not None and int(labels[b, p]) == ground_ids[0]:
-                _region_targets(b, p, ids, labels[b].tolist(), start[b], slots, index_of, ground_ids, match, gather)
+                _region_targets(b, p, ids, labels[b].tolist(), start[b], slots, index_of, ground_ids, match, gather,
+                                remaining)
             k = index_of.get(int(labels[b, p]))
             if k is None or k >= slots.numel():
                 continue
             query = int(start[b, p - 1])
             match.append((b, query, int(slots[k])))
+            rest = []  # this index and the ones after it in the same <objects> list (ascending, as answers list them)
+            for q in range(p, input_ids.shape[1]):
+                j = index_of.get(int(labels[b, q]))
+                if j is None:
+                    break
+                if j < slots.numel():
+                    rest.append(j)
+            remaining.extend((b, query, int(slots[j]), -1) for j in rest)
             if phrase is not None:
                 gather.extend((b, query, int(start[b, q]), -1) for q in range(phrase[0], phrase[1] + 1))
-    gather_t = torch.tensor(gather, dtype=torch.long).reshape(-1, 4)
-    if gather_t.numel():
-        _, gather_t[:, 3] = torch.unique(gather_t[:, 0] * (1 << 32) + gather_t[:, 1], return_inverse=True)
-    out = {"previous": previous, "match": torch.tensor(match, dtype=torch.long).reshape(-1, 3)}
+    gather_t = _grouped(gather)
+    out = {"previous": previous, "match": torch.tensor(match, dtype=torch.long).reshape(-1, 3),
+           "remaining": _grouped(remaining)}
     if ground_ids is not None:
         out["gather"] = gather_t
     return out
 
 
+def _grouped(entries: list) -> torch.Tensor:
+    """(row, query, key, -1) entries -> (N, 4) long with column 3 numbering the distinct (row, query) pairs."""
+    t = torch.tensor(entries, dtype=torch.long).reshape(-1, 4)
+    if t.numel():
+        _, t[:, 3] = torch.unique(t[:, 0] * (1 << 32) + t[:, 1], return_inverse=True)
+    return t
+
+
 def _region_targets(b: int, p: int, ids: list[int], labels: list[int], start: torch.Tensor, slots: torch.Tensor,
-                    index_of: dict[int, int], ground_ids: tuple[int, int], match: list, gather: list) -> None:
+                    index_of: dict[int, int], ground_ids: tuple[int, int], match: list, gather: list,
+                    remaining: list) -> None:
     """Region answers: an answer `<ground>` phrase `</ground><objects><objK></objects>` (label at p = `<ground>`)
     whose `<objK>` the question names (a text `<objK>` not followed by an object slot) is read from slot K. The
     positions that predict the phrase and `</ground>` get "match" -> slot K and "gather" -> that question token."""
@@ -180,6 +201,7 @@ def _region_targets(b: int, p: int, ids: list[int], labels: list[int], start: to
     for q in range(p, end):  # position q predicts token q + 1: the phrase tokens, then </ground>
         query = int(start[q])
         match.append((b, query, int(slots[k])))
+        remaining.append((b, query, int(slots[k]), -1))
         gather.append((b, query, int(start[named[-1]]), -1))
 
 
@@ -196,19 +218,20 @@ class BindingSpec(NamedTuple):
 def attention_supervision_loss(attentions: Sequence[torch.Tensor], targets: dict[str, torch.Tensor],
                                head: int = 0, layers: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Mean -log p over the targets: layer layers[0] "gather" when present (else "previous"), layer layers[1]
-    "match"; on `head`.
+    "remaining" when present (else "match"); on `head`.
 
     attentions: the LLM's per-layer probabilities (B, H, E, E) (`output_attentions=True`, eager attention).
-    For "gather", p is the attention a query position puts on its whole phrase.
+    For the grouped targets ("gather", "remaining"), p is the attention a query position puts on its whole group.
     """
     terms = []
     first = "gather" if "gather" in targets else "previous"
-    for layer, name in ((layers[0], first), (layers[1], "match")):
+    second = "remaining" if "remaining" in targets else "match"
+    for layer, name in ((layers[0], first), (layers[1], second)):
         t = targets[name].to(attentions[layer].device)
         if not t.numel():
             continue
         p = attentions[layer][t[:, 0], head, t[:, 1], t[:, 2]].float()
-        if name == "gather":
+        if t.shape[1] == 4:  # grouped: the attention summed over the group's keys
             p = p.new_zeros(int(t[:, 3].max()) + 1).index_add(0, t[:, 3], p)
         # + 1e-30, not a clamp: a target the head starts far from (p ~ 1e-9 at layer 0 under the match init,
         # measured on detection rows) must still get the (1 - p) gradient; a clamp at 1e-6 made it a constant.
