@@ -390,3 +390,33 @@ def test_the_tiny_model_recipe_parses_and_validates():
               "regress" if st.get("regress") else f"stage{st['stage']}") for st in cfg.stages]
     assert kinds[:3] == ["text", "symbolic", "regress"] and "stage2" in kinds[3:], kinds
     assert cfg.frozen_towers and cfg.attention_init == "supervised" and cfg.attention_supervision > 0
+    # the model answers box indices with the pointer head and reads "<objK>" tokens with their boxes
+    model_config = T.build_model_config(cfg, 1100)
+    assert model_config.object_pointer and model_config.object_in_index_token and model_config.index_in_object_slot
+
+
+POINTER = {**SMALL, "object_pointer": True, "object_in_index_token": True, "index_in_object_slot": True}
+
+
+def test_pointer_models_train_resume_exactly_and_stage1_trains_the_pointer(tmp_path, tokenizer):
+    cfg = small_config(model_overrides=POINTER, ckpt_every=1)
+    model = T.build_model(cfg, tokenizer)
+    assert model.config.object_token_offset == tokenizer.convert_tokens_to_ids("<obj0>")
+    trainable = {n for n, p in model.named_parameters() if p in set(T.set_trainable(model, 1))}
+    assert "object_pointer.weight" in trainable
+    assert_resume_is_exact(cfg, tmp_path, 3)
+    from chatrex.model.processing import ChatRexProcessor
+
+    processor = ChatRexProcessor(tokenizer, model.config)
+    batch = T.encode_samples(processor, T.scene_samples(cfg, 1, 0))
+    with torch.no_grad():  # the trainer's loss (dense object features) is the model's own, pointer included
+        model.object_pointer.weight.normal_(0.0, 1.0)
+        fast = T.batch_loss(model, batch)
+        image, maps = model.encode_images(batch["pixel_values"], batch["pixel_values_aux"])
+        objects = [model.encode_objects(maps, [b])[0] for b in batch["boxes"]]
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                     image_features=image, object_features=objects).loss
+        model.object_pointer.weight.zero_()
+        without = T.batch_loss(model, batch)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    assert abs(float(fast) - float(without)) > 1e-3  # the pointer is in the loss

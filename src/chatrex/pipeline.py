@@ -70,11 +70,13 @@ class _ImageState:
 @dataclass
 class _PrefixState:
     """Encoded prompt prefix of one (image, box set): ids up to the last sentinel, their merged
-    embeddings (1, P, hidden), and the LLM KV cache over them (None when KV caching is off)."""
+    embeddings (1, P, hidden), the LLM KV cache over them (None when KV caching is off), and the pointer
+    head's memory (1, K, hidden) (None for models without `object_pointer`)."""
 
     ids: list[int]
     embeds: torch.Tensor
     kv: Any
+    memory: torch.Tensor | None = None
 
 
 class ChatRex:
@@ -346,7 +348,7 @@ class ChatRex:
         if self.kv_cache and self._prefixes.maxsize > 0:
             out = self.model(inputs_embeds=embeds, use_cache=True)
             kv = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        state = _PrefixState(prefix_ids, embeds, kv)
+        state = _PrefixState(prefix_ids, embeds, kv, self.model.pointer_memory([objects]))
         self._prefixes.put(pkey, state)
         return state, hit
 
@@ -358,7 +360,7 @@ class ChatRex:
         if ids[:cut] != prefix.ids:  # cannot happen with the built-in templates; stay correct anyway
             raise RuntimeError("prompt prefix changed between questions; clear_cache() and report this")
         tail = torch.tensor([ids[cut:]], device=self.device)
-        embeds = torch.cat([prefix.embeds, self.model.get_input_embeddings()(tail)], dim=1)  # (1, E, hidden)
+        embeds = torch.cat([prefix.embeds, self.model.embed_text(tail, prefix.memory)], dim=1)  # (1, E, hidden)
         tok = self.processor.tokenizer
         kwargs = dict(
             inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
@@ -367,6 +369,8 @@ class ChatRex:
         )
         if prefix.kv is not None:
             kwargs["cache"] = copy.deepcopy(prefix.kv)  # generate appends to it: keep ours clean
+        if prefix.memory is not None:
+            kwargs["object_memory"] = prefix.memory
         new_ids = self.model.generate(**kwargs)
         from chatrex.model.modeling import decode_answer
 

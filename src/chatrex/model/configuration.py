@@ -100,6 +100,17 @@ class ChatRexConfig(PretrainedConfig):
             rescaled to the slot's norm, to the slot's features. Off for the official models; the embedded tiny model uses it, because a small
             from-scratch LLM does not learn the two-hop "find the box, read the index before it" in a CPU budget
             (benchmarks/binding_toy.py), while with the index at the slot one content match suffices.
+        object_pointer: a pointer head (`object_pointer.weight`, hidden x hidden) adds to the logit of each
+            `<objK>` the score (W h_t) . m_K / sqrt(hidden) of the final hidden state h_t against box K's object
+            token m_K (rescaled to unit RMS). Answering with box indices becomes one match per box, as in a
+            DETR-style classifier, instead of an attention circuit the LLM must discover. Off for the official
+            models; the embedded tiny model uses it (`benchmarks/binding_probe.py` measures why).
+        object_in_index_token: every `<objK>` text token that is not a prefix index (not followed by an
+            object slot) - the question's "<obj3>", an answer's "<obj3>" read back while decoding - gets box K's
+            object token added (unit RMS, rescaled to the token's norm), so "what is <obj3>?" is answered by
+            copying from the question token instead of finding slot 3 first. Off for the official models.
+        object_token_offset: the token id of `<obj0>` (the `<objK>` ids must be contiguous); needed by
+            `object_pointer` and `object_in_index_token`.
     """
 
     model_type = "chatrex"
@@ -119,6 +130,9 @@ class ChatRexConfig(PretrainedConfig):
         max_objects: int = MAX_OBJECTS,
         chat_template: str = "vicuna",
         index_in_object_slot: bool = False,
+        object_pointer: bool = False,
+        object_in_index_token: bool = False,
+        object_token_offset: int | None = None,
         **kwargs: Any,
     ) -> None:
         if text_config is None and any(k in kwargs for k in _OFFICIAL_MARKERS):
@@ -143,6 +157,9 @@ class ChatRexConfig(PretrainedConfig):
         self.max_objects = int(max_objects)
         self.chat_template = chat_template
         self.index_in_object_slot = bool(index_in_object_slot)
+        self.object_pointer = bool(object_pointer)
+        self.object_in_index_token = bool(object_in_index_token)
+        self.object_token_offset = None if object_token_offset is None else int(object_token_offset)
         for key in _DERIVED:
             kwargs.pop(key, None)
         # The top-level flag decides whether `lm_head.weight` is tied to the input embeddings.
@@ -220,6 +237,10 @@ class ChatRexConfig(PretrainedConfig):
             raise ConfigError(
                 f"chat_template must be one of {CHAT_TEMPLATES} or a format string containing '{{input}}', got {template!r}"
             )
+        offset, vocab = self.object_token_offset, int(getattr(self.text_config, "vocab_size", 0) or 0)
+        if offset is not None and not (0 <= offset and (not vocab or offset + self.max_objects <= vocab)):
+            raise ConfigError(f"object_token_offset {offset} + max_objects {self.max_objects} does not fit the "
+                              f"LLM vocabulary of {vocab}; set it to the token id of <obj0>")
         if getattr(self.text_config, "is_encoder_decoder", False):
             raise ConfigError(f"text_config must be a decoder-only LLM, got {self.text_config.model_type!r}")
 

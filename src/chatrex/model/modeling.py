@@ -76,6 +76,8 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel, GenerationMixin):
         self.mm_projector = build_projector(config.mm_hidden_size, hidden)
         self.mm_object_projector = build_projector(config.object_hidden_size, hidden)
         self.box_encoder = MultiLevelRoIEncoder(config.high_res_size)
+        if getattr(config, "object_pointer", False):  # see ChatRexConfig: logit of <objK> += (W h) . m_K
+            self.object_pointer = nn.Linear(hidden, hidden, bias=False)
         self._llm_cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.post_init()
 
@@ -190,6 +192,12 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel, GenerationMixin):
         object_features: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Run the encoders that are needed, then `prepare_inputs_embeds`. Counts are checked first."""
+        return self._multimodal(input_ids, attention_mask, labels, pixel_values, pixel_values_aux, gt_boxes,
+                                num_boxes, image_features, object_features)[:4]
+
+    def _multimodal(self, input_ids, attention_mask, labels, pixel_values, pixel_values_aux, gt_boxes, num_boxes,
+                    image_features, object_features) -> tuple:
+        """`multimodal_embeddings` + the per-row object features it used (list of (K_b, hidden) or None)."""
         batch = input_ids.shape[0]
         has_image = bool((input_ids == IMAGE_TOKEN_INDEX).any())
         if object_features is None:
@@ -211,7 +219,74 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel, GenerationMixin):
             object_features = self.encode_objects(maps, boxes)
         elif boxes is not None:
             object_features = [None] * batch
-        return self.prepare_inputs_embeds(input_ids, attention_mask, image_features, object_features, labels)
+        return (*self.prepare_inputs_embeds(input_ids, attention_mask, image_features, object_features, labels),
+                object_features)
+
+    def pointer_memory(self, object_features: Sequence[torch.Tensor | None] | None) -> torch.Tensor | None:
+        """Per-row object tokens (K_b, hidden) -> the memory of the pointer head / `object_in_index_token`
+        (B, K_max, hidden), rows rescaled to unit RMS, zero rows past K_b (their `<objK>` get nothing added);
+        None when the config uses neither, or without boxes. Pass it as `object_memory` to forward / generate when the prompt is given as
+        `inputs_embeds` (the pipeline's cached prefix)."""
+        if not self.uses_object_memory or not object_features:
+            return None
+        rows = [o for o in object_features if o is not None and o.shape[0] > 0]
+        if not rows:
+            return None
+        ref = rows[0]
+        width = max(o.shape[0] for o in rows)
+        memory = ref.new_zeros(len(object_features), width, ref.shape[-1])
+        for b, o in enumerate(object_features):
+            if o is not None and o.shape[0] > 0:
+                o = o.to(memory.dtype)
+                memory[b, : o.shape[0]] = o * torch.rsqrt(o.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(o.dtype)
+        return memory
+
+    @property
+    def uses_object_memory(self) -> bool:
+        return bool(getattr(self.config, "object_pointer", False) or getattr(self.config, "object_in_index_token", False))
+
+    def _object_offset(self) -> int:
+        offset = self.config.object_token_offset
+        if offset is None:
+            raise ValueError("object_pointer / object_in_index_token need config.object_token_offset "
+                             "(the token id of <obj0>)")
+        return int(offset)
+
+    def embed_text(self, input_ids: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, L, hidden) of sentinel-free ids (B, L); with `object_in_index_token` and a
+        memory (`pointer_memory`), each `<objK>` (K < the row's boxes) gets box K's memory row added, rescaled
+        to the token's own norm. For decoding steps and the pipeline's question tail; `prepare_inputs_embeds`
+        does the same on full prompts (where a prefix index, followed by its object slot, gets nothing)."""
+        text = self.get_input_embeddings()(input_ids)
+        if memory is None or not getattr(self.config, "object_in_index_token", False):
+            return text
+        return self._add_objects_to_index_tokens(text, input_ids, memory, torch.ones_like(input_ids, dtype=torch.bool))
+
+    def _add_objects_to_index_tokens(self, text: torch.Tensor, input_ids: torch.Tensor, memory: torch.Tensor,
+                                     eligible: torch.Tensor) -> torch.Tensor:
+        """text (B, L, hidden) + memory rows at the `<objK>` positions where `eligible` (B, L); see `embed_text`."""
+        memory = memory.to(device=text.device, dtype=text.dtype)
+        k = input_ids - self._object_offset()
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(input_ids)
+        rows = rows.clamp(max=memory.shape[0] - 1)  # a memory of one row serves every row
+        hit = eligible & (k >= 0) & (k < memory.shape[1])
+        if not bool(hit.any()):
+            return text
+        add = memory[rows[hit], k[hit]]  # (n, hidden), RMS 1 (or 0 past the row's boxes)
+        scale = text[hit].norm(dim=-1, keepdim=True) / add.shape[-1] ** 0.5
+        text = text.clone()
+        text[hit] = text[hit] + add * scale
+        return text
+
+    def _pointer_logits(self, logits: torch.Tensor, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """logits (B, T, V) + the pointer scores on the `<obj0>` .. `<obj{K-1}>` columns; hidden (B, T, hidden)
+        final (normed) states; memory (B or 1, K, hidden) from `pointer_memory`."""
+        offset = self._object_offset()
+        memory = memory.to(device=hidden.device, dtype=hidden.dtype)
+        k = min(memory.shape[1], self.config.max_objects)
+        scores = self.object_pointer(hidden) @ memory[:, :k].transpose(1, 2) / hidden.shape[-1] ** 0.5  # (B, T, K)
+        pad = (offset, logits.shape[-1] - offset - k)
+        return logits + F.pad(scores.to(logits.dtype), pad)
 
     def prepare_inputs_embeds(
         self,
@@ -245,6 +320,11 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel, GenerationMixin):
 
         embed = self.get_input_embeddings()
         text = embed(input_ids.masked_fill(~is_text, 0))  # (B, L, hidden); sentinel rows are overwritten
+        if objects and getattr(self.config, "object_in_index_token", False):
+            before_slot = torch.zeros_like(is_obj)
+            before_slot[:, :-1] = is_obj[:, 1:]  # a prefix index token: its slot follows it
+            text = self._add_objects_to_index_tokens(text, input_ids, self.pointer_memory(object_features),
+                                                     is_text & ~before_slot)
         start, merged = merged_slots(input_ids, tokens)
         rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, length)
 
@@ -307,16 +387,24 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel, GenerationMixin):
         object_features: Sequence[torch.Tensor] | None = None,
         cache: Any = None,
         logits_to_keep: int | torch.Tensor = 0,
+        object_memory: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """Logits (B, E, vocab) for the merged sequence; `loss` when `labels` (input_ids layout) are given."""
+        """Logits (B, E, vocab) for the merged sequence; `loss` when `labels` (input_ids layout) are given.
+
+        object_memory: the pointer head's memory (`pointer_memory`) when the boxes are not in this call
+        (decoding steps, a cached prefix); built from this call's object tokens otherwise."""
         cache = cache if cache is not None else past_key_values
         if inputs_embeds is None and input_ids is not None and bool((input_ids < 0).any()):
-            inputs_embeds, attention_mask, merged_positions, labels = self.multimodal_embeddings(
+            inputs_embeds, attention_mask, merged_positions, labels, objects = self._multimodal(
                 input_ids, attention_mask, labels, pixel_values, pixel_values_aux, gt_boxes, num_boxes,
                 image_features, object_features,
             )
+            if object_memory is None:
+                object_memory = self.pointer_memory(objects)
             input_ids = None
+        elif inputs_embeds is None and object_memory is not None and getattr(self.config, "object_in_index_token", False):
+            inputs_embeds, input_ids = self.embed_text(input_ids, object_memory), None  # a decoding step
             position_ids = merged_positions if position_ids is None else position_ids
         kwargs.pop("return_dict", None)
         outputs = self.model(
@@ -326,6 +414,8 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel, GenerationMixin):
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
+        if object_memory is not None and getattr(self.config, "object_pointer", False):
+            logits = self._pointer_logits(logits, hidden[:, keep, :], object_memory)
         loss = None
         if labels is not None:
             # Position t predicts token t + 1; float32 for a stable softmax under bf16.
@@ -356,11 +446,14 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel, GenerationMixin):
         input_ids = kwargs.pop("input_ids", None)
         if input_ids is not None and kwargs.get("inputs_embeds") is None:
             device = self.get_input_embeddings().weight.device
-            embeds, mask, _, _ = self.multimodal_embeddings(
+            embeds, mask, _, _, objects = self._multimodal(
                 input_ids.to(device), kwargs.pop("attention_mask", None), None,
                 **{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mm.items()},
             )
             kwargs["inputs_embeds"], kwargs["attention_mask"] = embeds, mask
+            memory = self.pointer_memory(objects)
+            if memory is not None and kwargs.get("object_memory") is None:
+                kwargs["object_memory"] = memory  # generate hands it to every decoding step's forward
         if seed_call and tokenizer is not None:
             _fill_special_ids(kwargs, tokenizer)
         elif tokenizer is not None:

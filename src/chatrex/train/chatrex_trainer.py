@@ -66,7 +66,7 @@ VISION_PREFIXES = ("vision_tower.", "vision_tower_aux.", "mm_projector.", "mm_ob
 TOWER_PREFIXES = ("vision_tower.", "vision_tower_aux.")
 ATTENTION_INITS = {"orth": orthogonal_attention_init, "copy": copy_attention_init, "match": match_attention_init,
                    "supervised": supervised_heads_init}
-STAGE1_PREFIXES = ("mm_projector.", "mm_object_projector.", "model.embed_tokens.", "lm_head.")
+STAGE1_PREFIXES = ("mm_projector.", "mm_object_projector.", "model.embed_tokens.", "lm_head.", "object_pointer.")
 DEFAULT_TASK_WEIGHTS = {
     "detect": 0.2, "detect_multi": 0.08, "detect_absent": 0.06, "refer": 0.2, "region_category": 0.2,
     "region_short": 0.04, "region_brief": 0.04, "region_sentence": 0.03, "caption_brief": 0.03,
@@ -258,6 +258,8 @@ def build_model(config: ChatRexTrainConfig, tokenizer: Any) -> nn.Module:
     elif config.attention_init is not None:
         ATTENTION_INITS[config.attention_init](model)
     extend_vocab(model, len(tokenizer))
+    if model.uses_object_memory:
+        model.config.object_token_offset = object_token_offset(tokenizer, model.config.max_objects)
     if config.attention_supervision > 0:  # attention probabilities are only returned by eager attention
         depth = int(model.config.text_config.num_hidden_layers)
         if max(config.attention_supervision_layers) >= depth:
@@ -265,6 +267,16 @@ def build_model(config: ChatRexTrainConfig, tokenizer: Any) -> nn.Module:
                               f"layers below the LLM's {depth}")
         model.set_attn_implementation("eager")
     return model
+
+
+def object_token_offset(tokenizer: Any, count: int) -> int:
+    """The id of `<obj0>`; raises ConfigError unless `<obj0>` .. `<obj{count-1}>` have consecutive ids
+    (the pointer head scores a contiguous block of logits)."""
+    ids = object_token_ids(tokenizer)[:count]
+    if ids != list(range(ids[0], ids[0] + len(ids))):
+        raise ConfigError("object_pointer needs the <objK> tokens at consecutive ids in the tokenizer; "
+                          "add them in order (chatrex.train.tokenizer.ensure_special_tokens does)")
+    return int(ids[0])
 
 
 def load_or_build_tokenizer(config: ChatRexTrainConfig) -> Any:
