@@ -241,6 +241,12 @@ def test_region_answers_read_the_named_slot_and_gather_the_question_index(setup)
         assert ground[1] in answer and answer[answer.index(ground[1]) + 2] == object_ids[k]  # the answer names K
         phrase_rows += merged[b][q] == ground[0]
     assert phrase_rows == batch["input_ids"].shape[0]  # one region answer per row, each supervised
+    # region=False (models with object_in_index_token): only the answer's own <objK> keeps its targets
+    plain = binding_attention_targets(batch["input_ids"], batch["labels"], image_tokens, object_ids, ground,
+                                      region=False)
+    kept = {(b, q) for b, q, _ in plain["match"].tolist()}
+    assert kept and all(merged[b][q + 1] in object_ids for b, q in kept)
+    assert len(plain["match"]) < len(targets["match"]) and len(plain["gather"]) < len(targets["gather"])
 
 
 def test_supervised_layers_are_a_switch_checked_against_the_llm_depth():

@@ -109,8 +109,8 @@ def object_token_ids(tokenizer) -> list[int]:  # noqa: ANN001 - a tokenizers/tra
 
 
 def binding_attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, image_tokens: int,
-                              object_ids: Sequence[int], ground_ids: tuple[int, int] | None = None
-                              ) -> dict[str, torch.Tensor]:
+                              object_ids: Sequence[int], ground_ids: tuple[int, int] | None = None,
+                              region: bool = True) -> dict[str, torch.Tensor]:
     """Attention targets of one batch, in merged-sequence positions (after the image sentinel's expansion).
 
     input_ids / labels (B, L) as `encode_samples` makes them (left padded; labels IGNORE_INDEX but the answer);
@@ -126,6 +126,9 @@ def binding_attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, ima
     "gather" (N, 4) of (row, query, key, group), with ground_ids only: each such position -> every token of
     the last `<ground>` ... `</ground>` phrase before it (group numbers the query positions; the loss is on the
     attention summed over a group's keys).
+    region: also the region answers' targets (`_region_targets`); off for a model with `object_in_index_token`,
+    whose question `<objK>` token already carries box K (measured: with both, those gather targets stayed at
+    p < 1e-6 and the binding loss at ~10 for 250 steps, ~6x the language loss).
     """
     from chatrex.model.modeling import merged_slots
 
@@ -147,7 +150,7 @@ def binding_attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, ima
                     opened = p - 1
                 elif ids[p - 1] == ground_ids[1] and opened is not None and p - 2 > opened:
                     phrase, opened = (opened + 1, p - 2), None
-            if ground_ids is not None and int(labels[b, p]) == ground_ids[0]:
+            if region and ground_ids is not None and int(labels[b, p]) == ground_ids[0]:
                 _region_targets(b, p, ids, labels[b].tolist(), start[b], slots, index_of, ground_ids, match, gather,
                                 remaining)
             k = index_of.get(int(labels[b, p]))
@@ -213,6 +216,7 @@ class BindingSpec(NamedTuple):
     object_ids: Sequence[int]
     ground_ids: tuple[int, int] | None = None
     layers: tuple[int, int] = (0, 1)
+    region: bool = True  # `binding_attention_targets(region=...)`
 
 
 def attention_supervision_loss(attentions: Sequence[torch.Tensor], targets: dict[str, torch.Tensor],

@@ -425,7 +425,7 @@ def batch_loss(model: nn.Module, batch: dict[str, Any], hide_vision: bool = Fals
                                              ignore_index=IGNORE_INDEX)
     if supervise:
         targets = binding_attention_targets(batch["input_ids"], batch["labels"], image.shape[1], binding.object_ids,
-                                            binding.ground_ids)
+                                            binding.ground_ids, region=binding.region)
         loss = loss + binding.weight * attention_supervision_loss(out.attentions, targets, layers=binding.layers)
     return loss
 
@@ -506,7 +506,8 @@ def _train_step(model, processor, config, step: int, optimizer, scheduler, head=
         if getattr(model.config, "index_in_object_slot", False):  # the index is at the slot: supervise the phrase
             ground = tuple(processor.tokenizer.convert_tokens_to_ids([GROUND_START, GROUND_END]))
         binding = BindingSpec(float(config.attention_supervision), object_token_ids(processor.tokenizer), ground,
-                              tuple(int(x) for x in config.attention_supervision_layers))
+                              tuple(int(x) for x in config.attention_supervision_layers),
+                              region=not getattr(model.config, "object_in_index_token", False))
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total, rows = 0.0, 0
