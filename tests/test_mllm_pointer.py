@@ -163,3 +163,35 @@ def test_object_in_index_token_adds_the_box_to_question_and_answer_indices_only(
     assert first.raw == second.raw == decode_answer(tokenizer, out.sequences[0].tolist())
     # the pipeline's prompt (cached prefix + question tail) is the one prepare_inputs_embeds builds
     torch.testing.assert_close(seen_embeds[1], embeds, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_passes_the_merged_position_ids_of_left_padded_rows(image):
+    """Padded rows count positions from their first real token (cumsum of the mask), with or without the
+    pointer switches: the LLM must receive `prepare_inputs_embeds`' position ids, not its default arange."""
+    from chatrex.model.processing import ChatRexProcessor
+
+    model, tokenizer, _ = _model()
+    processor = ChatRexProcessor(tokenizer, model.config)
+    rows = [processor.process(image, q, BOXES)["input_ids"][0] for q in ("What is <obj1>?", "Is <obj0> red or blue?")]
+    width = max(len(r) for r in rows)
+    ids = torch.full((2, width), processor.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):], mask[b, width - len(r):] = r, 1
+    inputs = processor.process(image, "x", BOXES)
+    seen = {}
+    llm_forward = model.model.forward
+
+    def spy(*args, **kwargs):
+        seen["position_ids"] = kwargs["position_ids"]
+        return llm_forward(*args, **kwargs)
+
+    model.model.forward = spy
+    pixels = dict(pixel_values=inputs["pixel_values"].expand(2, -1, -1, -1),
+                  pixel_values_aux=inputs["pixel_values_aux"].expand(2, -1, -1, -1),
+                  gt_boxes=inputs["gt_boxes"].expand(2, -1, -1))
+    with torch.no_grad():
+        positions = model.multimodal_embeddings(ids, mask, None, **pixels)[2]
+        model(input_ids=ids, attention_mask=mask, **pixels)
+    assert torch.equal(seen["position_ids"], positions)
+    assert int(positions[0, -1]) != int(positions[1, -1])  # the rows differ in length: positions do too

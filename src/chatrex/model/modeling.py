@@ -225,8 +225,8 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel, GenerationMixin):
     def pointer_memory(self, object_features: Sequence[torch.Tensor | None] | None) -> torch.Tensor | None:
         """Per-row object tokens (K_b, hidden) -> the memory of the pointer head / `object_in_index_token`
         (B, K_max, hidden), rows rescaled to unit RMS, zero rows past K_b (their `<objK>` get nothing added);
-        None when the config uses neither, or without boxes. Pass it as `object_memory` to forward / generate when the prompt is given as
-        `inputs_embeds` (the pipeline's cached prefix)."""
+        None when the config uses neither, or without boxes. Pass it as `object_memory` to forward / generate
+        when the prompt is given as `inputs_embeds` (the pipeline's cached prefix)."""
         if not self.uses_object_memory or not object_features:
             return None
         rows = [o for o in object_features if o is not None and o.shape[0] > 0]
@@ -403,9 +403,9 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel, GenerationMixin):
             if object_memory is None:
                 object_memory = self.pointer_memory(objects)
             input_ids = None
+            position_ids = merged_positions if position_ids is None else position_ids
         elif inputs_embeds is None and object_memory is not None and getattr(self.config, "object_in_index_token", False):
             inputs_embeds, input_ids = self.embed_text(input_ids, object_memory), None  # a decoding step
-            position_ids = merged_positions if position_ids is None else position_ids
         kwargs.pop("return_dict", None)
         outputs = self.model(
             input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
