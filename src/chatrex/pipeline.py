@@ -70,8 +70,9 @@ class _ImageState:
 @dataclass
 class _PrefixState:
     """Encoded prompt prefix of one (image, box set): ids up to the last sentinel, their merged
-    embeddings (1, P, hidden), the LLM KV cache over them (None when KV caching is off), and the pointer
-    head's memory (1, K, hidden) (None for models without `object_pointer`)."""
+    embeddings (1, P, hidden), the LLM KV cache over them (None when KV caching is off), and the box memory
+    (1, K, hidden) of `model.pointer_memory` (None for models with neither `object_pointer` nor
+    `object_in_index_token`)."""
 
     ids: list[int]
     embeds: torch.Tensor
