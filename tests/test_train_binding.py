@@ -298,3 +298,52 @@ def test_remaining_targets_group_an_index_with_the_later_ones_of_its_list(setup)
                                              "match": torch.tensor([[0, 3, 0]]),
                                              "remaining": torch.tensor([[0, 3, 0, 0], [0, 3, 1, 0]])})
     assert loss.item() == pytest.approx(-torch.tensor(0.75).log().item(), rel=1e-6)
+
+
+def test_named_targets_point_region_answers_at_the_question_index_on_their_own_head(setup):
+    _, model, processor, _ = setup
+    cfg = config(task_weights={"region_category": 1.0})
+    batch = T.encode_samples(processor, T.scene_samples(cfg, 0, 0))
+    with torch.no_grad():
+        image_tokens = model.encode_images(batch["pixel_values"], batch["pixel_values_aux"])[0].shape[1]
+    tok = processor.tokenizer
+    ground = tuple(tok.convert_tokens_to_ids(["<ground>", "</ground>"]))
+    object_ids = object_token_ids(tok)
+    targets = binding_attention_targets(batch["input_ids"], batch["labels"], image_tokens, object_ids, ground,
+                                        region=False, named=True)
+    merged = _merged_ids(batch["input_ids"], image_tokens)
+    named = targets["named"].tolist()
+    assert {b for b, _, _ in named} == set(range(len(merged)))  # every region row is supervised
+    for b, q, key in named:
+        answer = merged[b][q:]
+        k = answer[answer.index(ground[1]) + 2]  # the answer's index
+        assert merged[b][key] == k and merged[b][key + 1] != OBJECT_TOKEN_INDEX  # the question's <objK>
+        assert key < q and ground[1] in merged[b][q + 1:]  # from inside the phrase, before </ground>
+    assert "named" not in binding_attention_targets(batch["input_ids"], batch["labels"], image_tokens, object_ids,
+                                                    ground, region=False)
+    # the loss reads "named" from its own head of the first supervised layer
+    attn = [torch.full((1, 3, 3, 3), 1 / 3), torch.full((1, 3, 3, 3), 1 / 3)]
+    attn[0][0, 2, 2, 0] = 0.25
+    t = {"previous": torch.tensor([[0, 1, 0]]), "match": torch.tensor([[0, 2, 1]]), "named": torch.tensor([[0, 2, 0]])}
+    base = attention_supervision_loss(attn, t)
+    assert attention_supervision_loss(attn, t, named_head=2).item() == pytest.approx(
+        base.item() - torch.tensor(0.25).log().item(), rel=1e-6)
+
+
+def test_named_head_is_a_copier_and_checked_against_the_key_value_groups():
+    text = {**TWO_LAYERS["text_config"], "num_attention_heads": 4, "num_key_value_heads": 2}
+    overrides = {**TWO_LAYERS, "text_config": text}
+    tokenizer = train_tokenizer(prompt_corpus(), 300)
+    common = dict(model_overrides=overrides, attention_init="supervised", attention_supervision=1.0)
+    plain = T.build_model(config(**common), tokenizer)
+    shaped = T.build_model(config(**common, named_attention_head=2), tokenizer)
+    a, b = plain.model.layers[0].self_attn, shaped.model.layers[0].self_attn
+    hd = a.head_dim
+    v = b.v_proj.weight[hd:2 * hd]  # head 2 reads key/value head 1
+    torch.testing.assert_close(v @ v.T, torch.eye(hd), atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.o_proj.weight[:, 2 * hd:3 * hd], v.T)
+    torch.testing.assert_close(b.o_proj.weight[:, :hd], a.o_proj.weight[:, :hd])  # head 0 as without it
+    with pytest.raises(Exception, match="key/value head"):
+        T.build_model(config(**common, named_attention_head=1), tokenizer)  # shares head 0's key/value head
+    with pytest.raises(Exception, match="named_attention_head"):
+        config(named_attention_head=2).validate()  # needs attention_supervision

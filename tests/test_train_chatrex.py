@@ -420,3 +420,23 @@ def test_pointer_models_train_resume_exactly_and_stage1_trains_the_pointer(tmp_p
         without = T.batch_loss(model, batch)
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
     assert abs(float(fast) - float(without)) > 1e-3  # the pointer is in the loss
+
+
+def test_text_only_labels_keep_what_the_question_determines(tokenizer):
+    from chatrex.constants import object_token
+    from chatrex.train.chatrex_data import _text_labels
+
+    def ids(text):
+        return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+
+    def labelled(question, answer):
+        a = ids(answer)
+        return [tokenizer.convert_ids_to_tokens(i).lstrip("\u2581") for i, lab in zip(a, _text_labels(tokenizer, ids(question), a))
+                if lab != IGNORE_INDEX]
+
+    answer = f"<ground>red circle</ground><objects>{object_token(2)}{object_token(4)}</objects>"
+    kept = labelled("Please detect red circle; in this image.", answer)
+    assert "red" in kept and "circle" in kept and "<objects>" in kept and "</ground>" in kept
+    assert object_token(2) not in kept and "</objects>" not in kept  # where the list stops depends on the boxes
+    region = labelled(f"What is the category of {object_token(2)}?", answer)
+    assert "red" not in region and "circle" not in region and "<ground>" in region  # the image decides the words

@@ -76,7 +76,8 @@ def match_attention_init(model: nn.Module, gain: float = 4.0) -> None:
 
 
 @torch.no_grad()
-def supervised_heads_init(model: nn.Module, layers: tuple[int, int] = (0, 1), gain: float = 4.0) -> None:
+def supervised_heads_init(model: nn.Module, layers: tuple[int, int] = (0, 1), gain: float = 4.0,
+                          named_head: int | None = None) -> None:
     """Only the two supervised heads (head 0 of `layers[0]` and of `layers[1]`) get a shape; every other head
     keeps the LLM's default init.
 
@@ -85,16 +86,23 @@ def supervised_heads_init(model: nn.Module, layers: tuple[int, int] = (0, 1), ga
     measured on the real prompts, that saturates attention on each token's own look-alikes (scores ~20 apart,
     p ~ 1e-9 elsewhere), so no head could learn a new pattern: after 750 steps the model still answered
     "<ground>blue circle" whatever the question named, copying nothing from it.
+    named_head: also make that head of `layers[0]` a copier (the region reader, `attention_supervision_loss`).
+    It must not share a key/value head with head 0 (grouped-query attention).
     """
-    for i, index in enumerate(layers):
+    heads = [(layers[0], 0, False), (layers[1], 0, True)]
+    if named_head is not None:
+        heads.append((layers[0], int(named_head), False))
+    for index, head, matcher in heads:
         attn = model.model.layers[index].self_attn
         hd = attn.head_dim
         hidden = attn.v_proj.weight.shape[1]
+        group = (attn.o_proj.weight.shape[1] // hd) // (attn.v_proj.weight.shape[0] // hd)
+        kv = slice((head // group) * hd, (head // group + 1) * hd)
         v = torch.empty(hd, hidden, dtype=attn.v_proj.weight.dtype)
         nn.init.orthogonal_(v)
-        attn.v_proj.weight[:hd] = v
-        attn.o_proj.weight[:, :hd] = v.T
-        if i == 1:
+        attn.v_proj.weight[kv] = v
+        attn.o_proj.weight[:, head * hd:(head + 1) * hd] = v.T
+        if matcher:
             k = torch.empty(hd, hidden, dtype=attn.k_proj.weight.dtype)
             nn.init.orthogonal_(k)
             attn.k_proj.weight[:hd] = k
@@ -110,7 +118,7 @@ def object_token_ids(tokenizer) -> list[int]:  # noqa: ANN001 - a tokenizers/tra
 
 def binding_attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, image_tokens: int,
                               object_ids: Sequence[int], ground_ids: tuple[int, int] | None = None,
-                              region: bool = True) -> dict[str, torch.Tensor]:
+                              region: bool = True, named: bool = False) -> dict[str, torch.Tensor]:
     """Attention targets of one batch, in merged-sequence positions (after the image sentinel's expansion).
 
     input_ids / labels (B, L) as `encode_samples` makes them (left padded; labels IGNORE_INDEX but the answer);
@@ -129,6 +137,10 @@ def binding_attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, ima
     region: also the region answers' targets (`_region_targets`); off for a model with `object_in_index_token`,
     whose question `<objK>` token already carries box K (measured: with both, those gather targets stayed at
     p < 1e-6 and the binding loss at ~10 for 250 steps, ~6x the language loss).
+    named: also "named" (N, 3) of (row, query, key): each position of a region answer that predicts the phrase or
+    `</ground>` -> the question's `<objK>` token (K the answer's index). For a model with `object_in_index_token`
+    that token carries box K, so one attention hop reads the region. Supervised on its own head
+    (`attention_supervision_loss(named_head=...)`), apart from the detection heads.
     """
     from chatrex.model.modeling import merged_slots
 
@@ -138,7 +150,7 @@ def binding_attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, ima
     slot = start[rows, cols]
     previous = torch.stack([rows, slot, slot - 1], 1)
     index_of = {int(t): k for k, t in enumerate(object_ids)}
-    match, gather, remaining = [], [], []
+    match, gather, remaining, named_t = [], [], [], []
     for b in range(input_ids.shape[0]):
         slots = start[b][is_obj[b]]  # merged positions of this row's object slots, in box order
         ids = input_ids[b].tolist()
@@ -150,9 +162,11 @@ def binding_attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, ima
                     opened = p - 1
                 elif ids[p - 1] == ground_ids[1] and opened is not None and p - 2 > opened:
                     phrase, opened = (opened + 1, p - 2), None
-            if region and ground_ids is not None and int(labels[b, p]) == ground_ids[0]:
-                _region_targets(b, p, ids, labels[b].tolist(), start[b], slots, index_of, ground_ids, match, gather,
-                                remaining)
+            if (region or named) and ground_ids is not None and int(labels[b, p]) == ground_ids[0]:
+                sink: list = []  # the region targets of a model that does not use them
+                _region_targets(b, p, ids, labels[b].tolist(), start[b], slots, index_of, ground_ids,
+                                *((match, gather, remaining) if region else (sink, sink, sink)),
+                                named_t if named else sink)
             k = index_of.get(int(labels[b, p]))
             if k is None or k >= slots.numel():
                 continue
@@ -173,6 +187,8 @@ def binding_attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, ima
            "remaining": _grouped(remaining)}
     if ground_ids is not None:
         out["gather"] = gather_t
+    if named:
+        out["named"] = torch.tensor(named_t, dtype=torch.long).reshape(-1, 3)
     return out
 
 
@@ -186,7 +202,7 @@ def _grouped(entries: list) -> torch.Tensor:
 
 def _region_targets(b: int, p: int, ids: list[int], labels: list[int], start: torch.Tensor, slots: torch.Tensor,
                     index_of: dict[int, int], ground_ids: tuple[int, int], match: list, gather: list,
-                    remaining: list) -> None:
+                    remaining: list, named: list) -> None:
     """Region answers: an answer `<ground>` phrase `</ground><objects><objK></objects>` (label at p = `<ground>`)
     whose `<objK>` the question names (a text `<objK>` not followed by an object slot) is read from slot K. The
     positions that predict the phrase and `</ground>` get "match" -> slot K and "gather" -> that question token."""
@@ -197,15 +213,16 @@ def _region_targets(b: int, p: int, ids: list[int], labels: list[int], start: to
     if end + 2 >= len(labels) or index_of.get(labels[end + 2]) is None:
         return
     k = index_of[labels[end + 2]]
-    named = [q for q in range(p) if labels[q] < 0 and index_of.get(ids[q]) == k
+    asked = [q for q in range(p) if labels[q] < 0 and index_of.get(ids[q]) == k
              and (q + 1 >= len(ids) or ids[q + 1] != OBJECT_TOKEN_INDEX)]
-    if not named or k >= slots.numel():
+    if not asked or k >= slots.numel():
         return
     for q in range(p, end):  # position q predicts token q + 1: the phrase tokens, then </ground>
         query = int(start[q])
         match.append((b, query, int(slots[k])))
         remaining.append((b, query, int(slots[k]), -1))
-        gather.append((b, query, int(start[named[-1]]), -1))
+        gather.append((b, query, int(start[asked[-1]]), -1))
+        named.append((b, query, int(start[asked[-1]])))
 
 
 class BindingSpec(NamedTuple):
@@ -217,24 +234,30 @@ class BindingSpec(NamedTuple):
     ground_ids: tuple[int, int] | None = None
     layers: tuple[int, int] = (0, 1)
     region: bool = True  # `binding_attention_targets(region=...)`
+    named_head: int | None = None  # supervise this head of layers[0] on the "named" targets
 
 
 def attention_supervision_loss(attentions: Sequence[torch.Tensor], targets: dict[str, torch.Tensor],
-                               head: int = 0, layers: tuple[int, int] = (0, 1)) -> torch.Tensor:
+                               head: int = 0, layers: tuple[int, int] = (0, 1),
+                               named_head: int | None = None) -> torch.Tensor:
     """Mean -log p over the targets: layer layers[0] "gather" when present (else "previous"), layer layers[1]
     "remaining" when present (else "match"); on `head`.
 
     attentions: the LLM's per-layer probabilities (B, H, E, E) (`output_attentions=True`, eager attention).
     For the grouped targets ("gather", "remaining"), p is the attention a query position puts on its whole group.
+    named_head: also "named" (when present) on that head of layer layers[0].
     """
     terms = []
     first = "gather" if "gather" in targets else "previous"
     second = "remaining" if "remaining" in targets else "match"
-    for layer, name in ((layers[0], first), (layers[1], second)):
+    jobs = [(layers[0], first, head), (layers[1], second, head)]
+    if named_head is not None and "named" in targets:
+        jobs.append((layers[0], "named", int(named_head)))
+    for layer, name, h in jobs:
         t = targets[name].to(attentions[layer].device)
         if not t.numel():
             continue
-        p = attentions[layer][t[:, 0], head, t[:, 1], t[:, 2]].float()
+        p = attentions[layer][t[:, 0], h, t[:, 1], t[:, 2]].float()
         if t.shape[1] == 4:  # grouped: the attention summed over the group's keys
             p = p.new_zeros(int(t[:, 3].max()) + 1).index_add(0, t[:, 3], p)
         # + 1e-30, not a clamp: a target the head starts far from (p ~ 1e-9 at layer 0 under the match init,

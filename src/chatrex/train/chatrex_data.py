@@ -65,7 +65,8 @@ def encode_samples(processor: Any, samples: Sequence[Any], text_only: bool = Fal
     pixel_values (1, 3, low, low), pixel_values_aux (1, 3, high, high), `boxes`: B canvas-xyxy
     float32 tensors (K_b, 4), and `box_attrs`: B (K_b, 2) (colour, shape) indices, -1 for distractors.
     text_only: rows are the chat-wrapped question without the image / object
-    prefix, <objK> answer tokens unlabelled (nothing to bind them to), no pixel values or boxes.
+    prefix, no pixel values or boxes, and only the answer tokens the question determines labelled
+    (`_text_labels`).
     """
     if not samples:
         raise ValueError("no samples to encode")
@@ -89,18 +90,39 @@ def encode_samples(processor: Any, samples: Sequence[Any], text_only: bool = Fal
 
 
 def _text_rows(processor: Any, samples: Sequence[Any]) -> dict[str, Any]:
-    from chatrex.constants import MAX_OBJECTS, object_token
     from chatrex.model.templates import apply_chat_template, clean_question
 
     tok = processor.tokenizer
-    objects = set(tok.convert_tokens_to_ids([object_token(k) for k in range(MAX_OBJECTS)]))
     rows = []
     for s in samples:
         prompt = processor.tokenize(apply_chat_template(clean_question(s.question), processor.config.chat_template,
                                                         eos_text=processor.eos_text))
         answer = [int(i) for i in tok.encode(s.answer, add_special_tokens=False)] + [int(tok.eos_token_id)]
-        rows.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + [IGNORE_INDEX if i in objects else i for i in answer]))
+        rows.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + _text_labels(tok, prompt, answer)))
     return _left_pad(rows, processor.pad_token_id)
+
+
+def _text_labels(tok: Any, prompt: Sequence[int], answer: Sequence[int]) -> list[int]:
+    """Labels of a text-only row's answer: IGNORE_INDEX where the answer depends on the image.
+
+    Without vision the LLM can only learn the answer's grammar and what it copies from the question. A label
+    the text cannot determine teaches a prior that later stages must unlearn. Measured before this rule: after
+    3,000 text-only steps with region answers labelled, the model answered every region question with the most
+    frequent category. Its attention from the answer to the question's `<objK>` stayed at ~0 through 3,300
+    more steps with images. Masked: every `<objK>`; every `</objects>` (where a list ends depends on the
+    boxes); and colour / shape words (singular or plural) that the question does not contain.
+    """
+    from chatrex.constants import MAX_OBJECTS, OBJECTS_END, object_token
+    from chatrex.data.synthetic import COLOURS, SHAPES
+
+    hidden = set(tok.convert_tokens_to_ids([object_token(k) for k in range(MAX_OBJECTS)] + [OBJECTS_END]))
+    vocabulary = set(COLOURS) | set(SHAPES) | {w + "s" for w in SHAPES}
+
+    def word(i: int) -> str:
+        return str(tok.convert_ids_to_tokens(int(i))).lstrip("\u2581").strip(".,;:?!").lower()
+
+    asked = {word(i) for i in prompt}
+    return [IGNORE_INDEX if i in hidden or (word(i) in vocabulary and word(i) not in asked) else i for i in answer]
 
 
 def _left_pad(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -117,7 +117,10 @@ class ChatRexTrainConfig(TrainConfigBase):
     see `chatrex.train.binding`. attention_supervision: weight of the binding attention loss (0 = off; > 0 runs
     the LLM with eager attention in training: layer 0 head 0 object slot -> its <objK>, or, with the model's
     index_in_object_slot, the position that predicts <objK> -> its grounded phrase; layer 1 head 0 that
-    position -> the slot of the box it names); attention_supervision_layers: those two layers (default (0, 1)). ckpt_every / eval_every: steps between checkpoints / quick evaluations
+    position -> the slot of the box it names); attention_supervision_layers: those two layers (default (0, 1)).
+    named_attention_head: with attention_supervision and a model with object_in_index_token, this head of the
+    first supervised layer is also supervised from a region answer to the question's `<objK>` (which carries
+    box K), so that region captions read the box the question names (None = off). ckpt_every / eval_every: steps between checkpoints / quick evaluations
     (0 = off); eval_scenes: held-out scenes per quick evaluation.
     """
 
@@ -149,6 +152,7 @@ class ChatRexTrainConfig(TrainConfigBase):
     attention_init: str | None = None
     attention_supervision: float = 0.0
     attention_supervision_layers: tuple[int, int] = (0, 1)
+    named_attention_head: int | None = None
     paraphrase_prob: float = 1.0
     jitter: float = 3.0
     max_distractors: int | None = None
@@ -188,6 +192,10 @@ class ChatRexTrainConfig(TrainConfigBase):
         layers = tuple(self.attention_supervision_layers)
         if len(layers) != 2 or not all(isinstance(x, int) and x >= 0 for x in layers):
             raise ConfigError(f"attention_supervision_layers must be two layer numbers, got {layers!r}")
+        if self.named_attention_head is not None and (int(self.named_attention_head) < 1
+                                                      or not float(self.attention_supervision)):
+            raise ConfigError(f"named_attention_head must be a head number >= 1 (head 0 is the detection gather) "
+                              f"and needs attention_supervision > 0, got {self.named_attention_head!r}")
         if float(self.attention_supervision) < 0:
             raise ConfigError(f"attention_supervision must be >= 0, got {self.attention_supervision}")
         if self.lora is not None and int(self.lora.get("r", 0)) < 1:
@@ -254,7 +262,8 @@ def build_model(config: ChatRexTrainConfig, tokenizer: Any) -> nn.Module:
         with torch.no_grad():
             model.get_input_embeddings().weight.normal_(0.0, float(config.embed_init_std))
     if config.attention_init == "supervised":  # shapes only the two supervised heads
-        supervised_heads_init(model, tuple(int(x) for x in config.attention_supervision_layers))
+        supervised_heads_init(model, tuple(int(x) for x in config.attention_supervision_layers),
+                              named_head=config.named_attention_head)
     elif config.attention_init is not None:
         ATTENTION_INITS[config.attention_init](model)
     extend_vocab(model, len(tokenizer))
@@ -266,6 +275,13 @@ def build_model(config: ChatRexTrainConfig, tokenizer: Any) -> nn.Module:
             raise ConfigError(f"attention_supervision_layers {list(config.attention_supervision_layers)} needs "
                               f"layers below the LLM's {depth}")
         model.set_attn_implementation("eager")
+    if config.named_attention_head is not None:
+        text = model.config.text_config
+        group = int(text.num_attention_heads) // int(text.num_key_value_heads)
+        if not group <= int(config.named_attention_head) < int(text.num_attention_heads):
+            raise ConfigError(f"named_attention_head {config.named_attention_head} must be a head below "
+                              f"{text.num_attention_heads} that does not share head 0's key/value head "
+                              f"(heads per key/value head: {group})")
     return model
 
 
@@ -425,8 +441,10 @@ def batch_loss(model: nn.Module, batch: dict[str, Any], hide_vision: bool = Fals
                                              ignore_index=IGNORE_INDEX)
     if supervise:
         targets = binding_attention_targets(batch["input_ids"], batch["labels"], image.shape[1], binding.object_ids,
-                                            binding.ground_ids, region=binding.region)
-        loss = loss + binding.weight * attention_supervision_loss(out.attentions, targets, layers=binding.layers)
+                                            binding.ground_ids, region=binding.region,
+                                            named=binding.named_head is not None)
+        loss = loss + binding.weight * attention_supervision_loss(out.attentions, targets, layers=binding.layers,
+                                                                  named_head=binding.named_head)
     return loss
 
 
@@ -507,7 +525,8 @@ def _train_step(model, processor, config, step: int, optimizer, scheduler, head=
             ground = tuple(processor.tokenizer.convert_tokens_to_ids([GROUND_START, GROUND_END]))
         binding = BindingSpec(float(config.attention_supervision), object_token_ids(processor.tokenizer), ground,
                               tuple(int(x) for x in config.attention_supervision_layers),
-                              region=not getattr(model.config, "object_in_index_token", False))
+                              region=not getattr(model.config, "object_in_index_token", False),
+                              named_head=config.named_attention_head)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total, rows = 0.0, 0
