@@ -212,15 +212,18 @@ def test_supervised_init_shapes_only_the_two_supervised_heads():
             assert torch.equal(a.q_proj.weight, b.q_proj.weight) and torch.equal(a.k_proj.weight, b.k_proj.weight)
 
 
-def test_region_answers_read_the_named_slot_and_gather_the_question_index(setup):
+def _region_batch(setup):
+    """A region-category batch of the setup's model: (batch, image tokens, (<ground>, </ground>) ids, <objK> ids)."""
     _, model, processor, _ = setup
-    cfg = config(task_weights={"region_category": 1.0})
-    batch = T.encode_samples(processor, T.scene_samples(cfg, 0, 0))
+    batch = T.encode_samples(processor, T.scene_samples(config(task_weights={"region_category": 1.0}), 0, 0))
     with torch.no_grad():
         image_tokens = model.encode_images(batch["pixel_values"], batch["pixel_values_aux"])[0].shape[1]
     tok = processor.tokenizer
-    ground = tuple(tok.convert_tokens_to_ids(["<ground>", "</ground>"]))
-    object_ids = object_token_ids(tok)
+    return batch, image_tokens, tuple(tok.convert_tokens_to_ids(["<ground>", "</ground>"])), object_token_ids(tok)
+
+
+def test_region_answers_read_the_named_slot_and_gather_the_question_index(setup):
+    batch, image_tokens, ground, object_ids = _region_batch(setup)
     targets = binding_attention_targets(batch["input_ids"], batch["labels"], image_tokens, object_ids, ground)
     merged = _merged_ids(batch["input_ids"], image_tokens)
     slot_of = {}  # (row, merged slot position) -> box index
@@ -301,14 +304,7 @@ def test_remaining_targets_group_an_index_with_the_later_ones_of_its_list(setup)
 
 
 def test_named_targets_point_region_answers_at_the_question_index_on_their_own_head(setup):
-    _, model, processor, _ = setup
-    cfg = config(task_weights={"region_category": 1.0})
-    batch = T.encode_samples(processor, T.scene_samples(cfg, 0, 0))
-    with torch.no_grad():
-        image_tokens = model.encode_images(batch["pixel_values"], batch["pixel_values_aux"])[0].shape[1]
-    tok = processor.tokenizer
-    ground = tuple(tok.convert_tokens_to_ids(["<ground>", "</ground>"]))
-    object_ids = object_token_ids(tok)
+    batch, image_tokens, ground, object_ids = _region_batch(setup)
     targets = binding_attention_targets(batch["input_ids"], batch["labels"], image_tokens, object_ids, ground,
                                         region=False, named=True)
     merged = _merged_ids(batch["input_ids"], image_tokens)
