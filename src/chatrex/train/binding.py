@@ -163,10 +163,14 @@ def binding_attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, ima
                 elif ids[p - 1] == ground_ids[1] and opened is not None and p - 2 > opened:
                     phrase, opened = (opened + 1, p - 2), None
             if (region or named) and ground_ids is not None and int(labels[b, p]) == ground_ids[0]:
-                sink: list = []  # the region targets of a model that does not use them
-                _region_targets(b, p, ids, labels[b].tolist(), start[b], slots, index_of, ground_ids,
-                                *((match, gather, remaining) if region else (sink, sink, sink)),
-                                named_t if named else sink)
+                for query, slot_k, asked in _region_targets(p, ids, labels[b].tolist(), start[b], slots, index_of,
+                                                            ground_ids):
+                    if region:
+                        match.append((b, query, slot_k))
+                        remaining.append((b, query, slot_k, -1))
+                        gather.append((b, query, asked, -1))
+                    if named:
+                        named_t.append((b, query, asked))
             k = index_of.get(int(labels[b, p]))
             if k is None or k >= slots.numel():
                 continue
@@ -200,29 +204,25 @@ def _grouped(entries: list) -> torch.Tensor:
     return t
 
 
-def _region_targets(b: int, p: int, ids: list[int], labels: list[int], start: torch.Tensor, slots: torch.Tensor,
-                    index_of: dict[int, int], ground_ids: tuple[int, int], match: list, gather: list,
-                    remaining: list, named: list) -> None:
+def _region_targets(p: int, ids: list[int], labels: list[int], start: torch.Tensor, slots: torch.Tensor,
+                    index_of: dict[int, int], ground_ids: tuple[int, int]) -> list[tuple[int, int, int]]:
     """Region answers: an answer `<ground>` phrase `</ground><objects><objK></objects>` (label at p = `<ground>`)
-    whose `<objK>` the question names (a text `<objK>` not followed by an object slot) is read from slot K. The
-    positions that predict the phrase and `</ground>` get "match" -> slot K and "gather" -> that question token."""
+    whose `<objK>` the question names (a text `<objK>` not followed by an object slot) is read from slot K.
+    Returns, for each position that predicts the phrase or `</ground>`, (query, slot K, that question token), all
+    merged positions: the "match" / "remaining" and the "gather" / "named" targets."""
     try:
         end = labels.index(ground_ids[1], p)
     except ValueError:
-        return
+        return []
     if end + 2 >= len(labels) or index_of.get(labels[end + 2]) is None:
-        return
+        return []
     k = index_of[labels[end + 2]]
     asked = [q for q in range(p) if labels[q] < 0 and index_of.get(ids[q]) == k
              and (q + 1 >= len(ids) or ids[q + 1] != OBJECT_TOKEN_INDEX)]
     if not asked or k >= slots.numel():
-        return
-    for q in range(p, end):  # position q predicts token q + 1: the phrase tokens, then </ground>
-        query = int(start[q])
-        match.append((b, query, int(slots[k])))
-        remaining.append((b, query, int(slots[k]), -1))
-        gather.append((b, query, int(start[asked[-1]]), -1))
-        named.append((b, query, int(start[asked[-1]])))
+        return []
+    # position q predicts token q + 1: the phrase tokens, then </ground>
+    return [(int(start[q]), int(slots[k]), int(start[asked[-1]])) for q in range(p, end)]
 
 
 class BindingSpec(NamedTuple):
